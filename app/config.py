@@ -1,0 +1,95 @@
+"""Compose the run configuration from ``conf/`` with Hydra's compose API, and check it.
+
+The Flower run config carries only bridge keys (``experiment``, ``overrides``, ``output-dir``); this
+module turns them into the full, validated configuration. A bad key or value fails here, at once,
+with a message that names it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+def split_overrides(overrides: str | list[str] | None) -> list[str]:
+    if not overrides:
+        return []
+    return list(overrides) if isinstance(overrides, (list, tuple)) else shlex.split(overrides)
+
+
+def compose_config(experiment: str = "", overrides: str | list[str] | None = None) -> DictConfig:
+    """``conf/config.yaml`` + ``experiment=<name>`` + overrides (``"rounds=3 client.lr=1e-4"``)."""
+    args = split_overrides(overrides)
+    if experiment:
+        args = [f"experiment={experiment}", *args]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=args)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"invalid configuration override in {args}: {exc}") from exc
+    finally:
+        GlobalHydra.instance().clear()
+    validate_config(cfg)
+    return cfg
+
+
+def _require(cfg: DictConfig, key: str, kind: type | tuple, check=None, hint: str = "") -> Any:
+    value = OmegaConf.select(cfg, key, throw_on_missing=True)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = "/".join(k.__name__ for k in kinds)
+        raise ConfigError(f"config key '{key}' must be {names}, got {value!r} ({type(value).__name__})")
+    if check is not None and not check(value):
+        raise ConfigError(f"config key '{key}' has invalid value {value!r}: {hint}")
+    return value
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Type and range checks for every key the run reads (Hydra already rejects unknown keys)."""
+    positive = lambda v: v > 0  # noqa: E731
+    number = (int, float)
+    _require(cfg, "seed", int)
+    _require(cfg, "rounds", int, positive, "must be >= 1")
+    k = _require(cfg, "contributors_per_round", int, positive, "must be >= 1")
+    _require(cfg, "min_contributions", int, lambda v: 1 <= v <= k, "must be between 1 and contributors_per_round")
+    if cfg.federation.expected_nodes is not None:
+        _require(cfg, "federation.expected_nodes", int, positive, "must be >= 1 or null")
+    _require(cfg, "federation.node_wait_timeout_s", number, positive, "must be > 0 seconds")
+    _require(cfg, "federation.round_timeout_s", number, positive, "must be > 0 seconds")
+    _require(cfg, "model.name_or_path", str, bool, "must not be empty")
+    _require(cfg, "client.lr", number, positive, "must be > 0")
+    _require(cfg, "client.weight_decay", number, lambda v: v >= 0, "must be >= 0")
+    _require(cfg, "client.warmup_ratio", number, lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _require(cfg, "client.batch_size", int, positive, "must be >= 1")
+    _require(cfg, "client.max_length", int, lambda v: v >= 8, "must be >= 8 tokens")
+    if cfg.client.max_steps is None and cfg.client.epochs is None:
+        raise ConfigError("config keys 'client.max_steps' and 'client.epochs' are both null: set a budget")
+    if cfg.client.max_steps is not None:
+        _require(cfg, "client.max_steps", int, positive, "must be >= 1 or null")
+    if cfg.client.epochs is not None:
+        _require(cfg, "client.epochs", number, positive, "must be > 0 or null")
+    _require(cfg, "client.head_policy", str, lambda v: v in ("keep", "reinit"), "must be 'keep' or 'reinit'")
+    _require(cfg, "client.device", str, bool, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _require(cfg, "eval.probe.every", int, positive, "must be >= 1")
+    _require(cfg, "eval.probe.pooling", str, lambda v: v in ("cls", "mean"), "must be 'cls' or 'mean'")
+    _require(cfg, "eval.probe.max_train_examples", int, positive, "must be >= 1")
+    _require(cfg, "eval.probe.max_test_examples", int, positive, "must be >= 1")
+    _require(cfg, "tasks.kind", str, lambda v: v in ("synthetic", "catalog"), "must be 'synthetic' or 'catalog'")
+
+
+def to_container(cfg: DictConfig, key: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,76 @@
+"""A run's output directory: resolved config, per-round metrics, the fused model, the summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunOutputs:
+    """Writes into one directory that belongs to one run; refuses to reuse a directory with results."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    @classmethod
+    def create(cls, directory: str | Path, cfg: DictConfig) -> "RunOutputs":
+        path = Path(directory).expanduser().resolve()
+        if (path / METRICS_FILE).exists():
+            raise FileExistsError(f"output directory {path} already holds a run's results; choose another")
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return cls(path)
+
+    def append_round(self, record: Any) -> None:
+        """One JSON line per round, flushed and fsynced so a crash never loses a finished round."""
+        with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(asdict(record)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    @property
+    def model_dir(self) -> Path:
+        return self.dir / "model"
+
+
+def read_metrics(directory: str | Path) -> list[dict[str, Any]]:
+    path = Path(directory) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary_table(records: Iterable[dict[str, Any]]) -> Table:
+    """Round-by-round table: contributors, their mean train loss, probe means, seconds."""
+    table = Table(title="ColD Fusion: linear-probe score of the base after each round")
+    for column in ("round", "contributors", "failures", "train loss", "probe seen", "probe unseen", "seconds"):
+        table.add_column(column, justify="right")
+    for r in records:
+        losses = list(r["train_loss"].values())
+        table.add_row(
+            str(r["round"]),
+            str(len(r["contributors"])) if r["round"] else "(start)",
+            str(len(r["failures"])),
+            f"{sum(losses) / len(losses):.3f}" if losses else "-",
+            _pct(r["probe_contributing"]),
+            _pct(r["probe_heldout"]),
+            f"{r['seconds_train'] + r['seconds_eval']:.1f}",
+        )
+    return table
+
+
+def render_table(records: Iterable[dict[str, Any]], width: int = 110) -> str:
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))
+    console.print(summary_table(records))
+    return console.export_text()
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"

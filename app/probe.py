@@ -1,0 +1,58 @@
+"""Linear probing ("ColD-Frozen"): a frozen body, a fresh linear head, its test score.
+
+Features are computed once per call with the body in inference mode; the linear model is fitted by
+scikit-learn (L-BFGS logistic regression, or ridge for regression tasks), which is far faster and
+more stable on a few thousand examples than training a torch head by SGD.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from scipy.stats import pearsonr
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+
+@torch.inference_mode()
+def extract_features(body, dataset, tokenizer, pooling: str, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled last hidden states of ``body`` for every example, and the labels."""
+    body.to(device).eval()
+    loader = DataLoader(
+        dataset.with_format("torch"), batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer)
+    )
+    feats, labels = [], []
+    for batch in loader:
+        labels.append(batch.pop("labels").numpy())
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = body(**batch).last_hidden_state
+        if pooling == "cls":
+            pooled = hidden[:, 0]
+        elif pooling == "mean":
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        else:
+            raise ValueError(f"eval.probe.pooling must be 'cls' or 'mean', got '{pooling}'")
+        feats.append(pooled.float().cpu().numpy())
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def probe_score(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                regression: bool, settings: Mapping[str, Any]) -> float:
+    """Test accuracy (classification) or Pearson r (regression) of a linear model on frozen features."""
+    (x_train, y_train), (x_test, y_test) = train, test
+    if regression:
+        model = make_pipeline(StandardScaler(), Ridge(alpha=float(settings.get("ridge_alpha", 1.0))))
+        model.fit(x_train, y_train)
+        return float(pearsonr(model.predict(x_test), y_test).statistic)
+    model = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=float(settings.get("C", 1.0)), max_iter=int(settings.get("max_iter", 1000))),
+    )
+    model.fit(x_train, y_train)
+    return float((model.predict(x_test) == y_test).mean())

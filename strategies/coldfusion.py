@@ -1,0 +1,288 @@
+"""The ColD Fusion strategy: sample contributors, fuse their bodies uniformly, redistribute.
+
+Each round: K contributors (sampled with a seeded RNG among the nodes holding contributing tasks)
+receive the current body, finetune body + their own head, and send back the body; the strategy fuses
+the valid bodies with a uniform mean (``strategies.fusion.uniform_mean``) into the next base. Then
+every node, contributing or held out, reports the linear-probe score of the new base on its task.
+
+Node ids are random, so the strategy first asks every node which task it holds (a ``query`` message).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from statistics import mean
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+
+from strategies.fusion import FusionError, check_compatible, uniform_mean
+from tasks.spec import TaskInfo
+
+
+class FederationError(RuntimeError):
+    """The federation cannot run as configured (missing nodes, conflicting tasks)."""
+
+
+@dataclass(frozen=True)
+class NodeTask:
+    node_id: int
+    name: str
+    role: str  # "contributing" or "heldout"
+    info: TaskInfo
+    entry: str  # JSON pool entry, echoed back to the node in every message
+
+
+@dataclass
+class RoundRecord:
+    """Everything that happened in one round; one line of ``metrics.jsonl``."""
+
+    round: int
+    contributors: list[str] = field(default_factory=list)
+    train_loss: dict[str, float] = field(default_factory=dict)
+    train_examples: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # "task: reason" for every skipped contribution
+    fused: bool = False
+    probe: dict[str, float] = field(default_factory=dict)
+    probe_contributing: float | None = None
+    probe_heldout: float | None = None
+    seconds_train: float = 0.0
+    seconds_eval: float = 0.0
+
+
+class ColdFusion(FedAvg):
+    """Uniform-mean fusion of contributor bodies, with task discovery and per-task evaluation."""
+
+    def __init__(
+        self,
+        *,
+        pool: list[dict[str, Any]],
+        contributors_per_round: int = 8,
+        min_contributions: int = 1,
+        seed: int = 0,
+        expected_nodes: int | None = None,
+        node_wait_timeout: float = 120.0,
+        eval_every: int = 1,
+        on_round: Callable[[RoundRecord, ArrayRecord], None] | None = None,
+    ) -> None:
+        expected = expected_nodes or len(pool)
+        super().__init__(min_available_nodes=expected, min_train_nodes=contributors_per_round)
+        self.pool = pool
+        self.contributors_per_round = contributors_per_round
+        self.min_contributions = min_contributions
+        self.expected_nodes = expected
+        self.node_wait_timeout = node_wait_timeout
+        self.eval_every = eval_every
+        self.on_round = on_round
+        self.rng = random.Random(seed)  # our own RNG: FedAvg samples with the module-level `random`
+        self.nodes: dict[int, NodeTask] = {}
+        self._base: ArrayRecord | None = None
+        self._record = RoundRecord(0)
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> ColD Fusion: %d contributors/round, uniform mean, min %d valid",
+            self.contributors_per_round, self.min_contributions)
+        log(INFO, "\t└──> waiting for %d nodes (timeout %.0fs)", self.expected_nodes, self.node_wait_timeout)
+
+    # ------------------------------------------------------------------ discovery
+    def discover(self, grid: Grid, timeout: float) -> dict[int, NodeTask]:
+        """Wait for the expected nodes, then ask each which task it holds."""
+        node_ids = wait_for_nodes(grid, self.expected_nodes, self.node_wait_timeout)
+        content = RecordDict({"config": ConfigRecord({"pool": json.dumps(self.pool)})})
+        messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        roles = {entry["name"]: entry.get("role", "contributing") for entry in self.pool}
+        nodes, problems = {}, []
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                problems.append(f"node {node_id}: {reply.error.reason}")
+                continue
+            answer = reply.content["task"]
+            info = TaskInfo.from_json(str(answer["info"]))
+            role = str(answer["role"]) or roles.get(info.name, "contributing")
+            nodes[node_id] = NodeTask(node_id, info.name, role, info, str(answer["entry"]))
+        if len(replies) < len(node_ids):
+            problems.append(f"{len(node_ids) - len(replies)} node(s) did not answer the task query in {timeout:.0f}s")
+        if problems:
+            raise FederationError("task discovery failed: " + "; ".join(problems))
+        check_consistent_tasks(nodes.values())
+        if not any(n.role == "contributing" for n in nodes.values()):
+            raise FederationError("no node holds a contributing task: nothing to train")
+        self.nodes = nodes
+        by_role = {r: sorted(n.name for n in nodes.values() if n.role == r) for r in ("contributing", "heldout")}
+        log(INFO, "Discovered %d nodes: %d contributing tasks, %d held out %s", len(nodes),
+            len(by_role["contributing"]), len(by_role["heldout"]), by_role["heldout"])
+        return nodes
+
+    # ------------------------------------------------------------------ training
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        contributing = sorted(n for n, t in self.nodes.items() if t.role == "contributing")
+        chosen = self.rng.sample(contributing, min(self.contributors_per_round, len(contributing)))
+        self._base = arrays
+        self._record = RoundRecord(server_round, contributors=[self.nodes[n].name for n in chosen])
+        log(INFO, "Round %d contributors: %s", server_round, ", ".join(self._record.contributors))
+        return self._messages(chosen, arrays, config, server_round, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self._record
+        replies = list(replies)
+        answered = {r.metadata.src_node_id for r in replies}
+        bodies = []
+        base = self._base.to_torch_state_dict() if self._base is not None else None
+        for reply in replies:
+            task = self.nodes[reply.metadata.src_node_id].name
+            if reply.has_error():
+                record.failures.append(f"{task}: error reply: {reply.error.reason}")
+                continue
+            body = reply.content["arrays"].to_torch_state_dict()
+            try:
+                check_compatible([body], base)
+            except FusionError as exc:
+                record.failures.append(f"{task}: {exc}")
+                continue
+            bodies.append(body)
+            metrics = reply.content["metrics"]
+            record.train_loss[task] = float(metrics["train-loss"])
+            record.train_examples[task] = int(metrics["num-examples"])
+        for name in record.contributors:
+            if not any(self.nodes[n].name == name for n in answered):
+                record.failures.append(f"{name}: no reply within the round timeout")
+        for failure in record.failures:
+            log(WARNING, "Round %d skipped a contribution: %s", server_round, failure)
+        if len(bodies) < self.min_contributions:
+            log(WARNING, "Round %d: %d valid contribution(s) < min_contributions=%d: keeping the previous base",
+                server_round, len(bodies), self.min_contributions)
+            return None, None
+        record.fused = True
+        fused = ArrayRecord(uniform_mean(bodies, base=base))
+        metrics = MetricRecord({
+            "contributions": len(bodies),
+            "failures": len(record.failures),
+            "train-loss": mean(record.train_loss.values()),
+        })
+        return fused, metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._messages(sorted(self.nodes), arrays, config, server_round, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        scores: dict[str, list[float]] = {}
+        for reply in replies:
+            node = self.nodes[reply.metadata.src_node_id]
+            if reply.has_error():
+                log(WARNING, "Round %d: evaluation failed on %s: %s", server_round, node.name, reply.error.reason)
+                continue
+            scores.setdefault(node.name, []).append(float(reply.content["metrics"]["score"]))
+        per_task = {name: mean(values) for name, values in sorted(scores.items())}
+        role_of = {n.name: n.role for n in self.nodes.values()}
+        means = {}
+        for role in ("contributing", "heldout"):
+            values = [s for name, s in per_task.items() if role_of[name] == role]
+            means[role] = mean(values) if values else None
+        self._record.probe = per_task
+        self._record.probe_contributing = means["contributing"]
+        self._record.probe_heldout = means["heldout"]
+        return MetricRecord({f"probe-{k}": v for k, v in means.items() if v is not None})
+
+    def _messages(self, node_ids: list[int], arrays: ArrayRecord, config: ConfigRecord, server_round: int,
+                  message_type: str) -> list[Message]:
+        messages = []
+        for node_id in node_ids:
+            node_config = ConfigRecord({**dict(config), "server-round": server_round,
+                                        "task-entry": self.nodes[node_id].entry})
+            content = RecordDict({"arrays": arrays, "config": node_config})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        return messages
+
+    # ------------------------------------------------------------------ the loop
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None) -> Result:
+        """Discovery, round-0 evaluation of the starting model, then ``num_rounds`` rounds of ColD Fusion.
+
+        Flower's ``Strategy.start`` evaluates clients only after training rounds; the paper's curves
+        start at iteration 0, so this loop evaluates the starting base too and reports every round to
+        ``on_round`` as soon as it is complete.
+        """
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        self.summary()
+        self.discover(grid, timeout)
+        result = Result(arrays=initial_arrays)
+        arrays = initial_arrays
+        for server_round in range(0, num_rounds + 1):
+            t0 = time.perf_counter()
+            if server_round > 0:
+                replies = grid.send_and_receive(self.configure_train(server_round, arrays, train_config, grid),
+                                                timeout=timeout)
+                fused, train_metrics = self.aggregate_train(server_round, replies)
+                if fused is not None:
+                    arrays = fused
+                if train_metrics is not None:
+                    result.train_metrics_clientapp[server_round] = train_metrics
+            else:
+                self._record = RoundRecord(0)
+            record = self._record
+            record.seconds_train = time.perf_counter() - t0
+            if server_round % self.eval_every == 0 or server_round in (0, num_rounds):
+                t1 = time.perf_counter()
+                replies = grid.send_and_receive(
+                    self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout)
+                eval_metrics = self.aggregate_evaluate(server_round, replies)
+                if eval_metrics is not None:
+                    result.evaluate_metrics_clientapp[server_round] = eval_metrics
+                record.seconds_eval = time.perf_counter() - t1
+            log(INFO, "Round %d/%d done in %.1fs: probe contributing=%s heldout=%s", server_round, num_rounds,
+                record.seconds_train + record.seconds_eval, _fmt(record.probe_contributing),
+                _fmt(record.probe_heldout))
+            if self.on_round is not None:
+                self.on_round(record, arrays)
+        result.arrays = arrays
+        return result
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5) -> list[int]:
+    """Node ids once ``expected`` nodes are connected; FederationError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= expected:
+            return node_ids
+        if time.monotonic() >= deadline:
+            raise FederationError(
+                f"only {len(node_ids)} of the {expected} expected nodes connected within {timeout:.0f}s "
+                "(federation.expected_nodes / federation.node_wait_timeout_s)"
+            )
+        time.sleep(poll)
+
+
+def check_consistent_tasks(nodes: Iterable[NodeTask]) -> None:
+    """Two nodes may hold the same task only if they agree on its definition (labels, pair-ness)."""
+    seen: dict[str, NodeTask] = {}
+    for node in nodes:
+        other = seen.setdefault(node.name, node)
+        if other.info != node.info:
+            raise FederationError(
+                f"nodes {other.node_id} and {node.node_id} claim incompatible definitions of task "
+                f"'{node.name}': {other.info} vs {node.info}"
+            )
+        if other.role != node.role:
+            raise FederationError(f"nodes {other.node_id} and {node.node_id} give task '{node.name}' "
+                                  f"different roles: {other.role} vs {node.role}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
