@@ -72,6 +72,7 @@ N_QUANT = 5
 N_TENSES = 3
 N_LOCS = 4
 NEG, POS, NEU = 0, 1, 2
+P_NEGATION = 0.3  # a clause is negated this often (unless a task's label needs otherwise)
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "sh", "ch", "tr", "pl", "br", "gl"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -149,7 +150,7 @@ def _lexicon(seed: int) -> _Lexicon:
         negs=fresh(3),
         ints=fresh(4),
         hedges=fresh(3),
-        preds=(fresh(10), fresh(10), fresh(8)),
+        preds=(fresh(6), fresh(6), fresh(5)),
         preps=fresh(4),
         places=tuple(fresh(3) for _ in range(N_LOCS)),
         conjs=fresh(3),
@@ -171,14 +172,14 @@ def _sample_attrs(rng: random.Random, polar: bool, has2: float, base: list | Non
         rng.randrange(N_TOPICS),
         rng.randrange(1, N_QUANT + 1),
         rng.randrange(2) if polar else rng.randrange(3),
-        int(r() < 0.5),
+        int(r() < P_NEGATION),
         int(r() < 0.5),
         rng.randrange(N_TENSES),
         rng.randrange(N_LOCS),
         int(r() < has2),
         rng.randrange(N_TOPICS),
         rng.randrange(2) if polar else rng.randrange(3),
-        int(r() < 0.5),
+        int(r() < P_NEGATION),
     ]
     if base is not None:
         for k in range(len(a)):
@@ -243,7 +244,7 @@ class _TaskDef:
     fn: Callable  # single: fn(a) -> label or None ; pair: fn(a, b) -> label or None
     pair: bool = False
     polar: bool = False  # predicates only positive/negative
-    has2: float = 0.4  # probability of a second clause
+    has2: float = 0.25  # probability of a second clause
     keep: float = 0.5  # pair tasks: probability that B copies each attribute of A
 
 
@@ -457,5 +458,5 @@ def synthetic_corpus(seed: int = 0, num_sentences: int = 5000) -> list[str]:
     # a few sentences listing the vocabulary guarantee coverage whatever num_sentences is
     out = [" ".join(vocab[i : i + 16]) for i in range(0, len(vocab), 16)]
     while len(out) < num_sentences:
-        out.append(_render(_sample_attrs(rng, False, 0.4), lex, rng))
+        out.append(_render(_sample_attrs(rng, False, 0.25), lex, rng))
     return out

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real tiny model (built once per session into a private cache), composed configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("coldfusion-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(cache_dir):
+    """The default configuration shrunk for tests, with the tiny model cached in a private folder."""
+    from app.config import compose_config
+
+    return compose_config("quick", [f"model.cache_dir={cache_dir}", "client.max_steps=5",
+                                    "tasks.train_size=200", "tasks.test_size=100",
+                                    "eval.probe.max_train_examples=150", "eval.probe.max_test_examples=100"])
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tiny_cfg) -> str:
+    from app.config import to_container
+    from app.model import resolve_model
+
+    return resolve_model(to_container(tiny_cfg, "model"))
+
+
+@pytest.fixture(scope="session")
+def pool(tiny_cfg):
+    from app.config import to_container
+    from tasks.registry import build_pool
+
+    return build_pool(to_container(tiny_cfg, "tasks"))
+
+
+@pytest.fixture(scope="session")
+def small_pool(pool):
+    """Six contributing and two held-out tasks: enough for every strategy path, fast in-process."""
+    contributing = [e for e in pool if e["role"] == "contributing"][:6]
+    heldout = [e for e in pool if e["role"] == "heldout"][:2]
+    return contributing + heldout
+
+
+def model_json(cfg) -> str:
+    from app.config import to_container
+
+    return json.dumps(to_container(cfg, "model"), sort_keys=True)
