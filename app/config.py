@@ -88,6 +88,9 @@ def validate_config(cfg: DictConfig) -> None:
     _require(cfg, "eval.probe.pooling", str, lambda v: v in ("cls", "mean"), "must be 'cls' or 'mean'")
     _require(cfg, "eval.probe.max_train_examples", int, positive, "must be >= 1")
     _require(cfg, "eval.probe.max_test_examples", int, positive, "must be >= 1")
+    from strategies.fusion import FUSION_OPERATORS
+
+    _require(cfg, "fusion.operator", str, lambda v: v in FUSION_OPERATORS, f"must be one of {sorted(FUSION_OPERATORS)}")
     _require(cfg, "tasks.kind", str, lambda v: v in ("synthetic", "catalog"), "must be 'synthetic' or 'catalog'")
 
 

@@ -156,6 +156,9 @@ def run_simulation(overrides: list[str], experiment: str = "", output_root: Path
                    cpus_per_client: int = 1) -> tuple[str, Path | None]:
     """Compose, launch, wait; return (final status, the run's output directory)."""
     cfg = compose_config(experiment, overrides)
+    if cfg.tasks.get("data_root") and not Path(str(cfg.tasks.data_root)).is_absolute():
+        # The ServerApp runs in the SuperLink's working directory: hand it the path meant here.
+        overrides = [*overrides, f"tasks.data_root={Path(str(cfg.tasks.data_root)).resolve()}"]
     pool = build_pool(to_container(cfg, "tasks"))
     num_nodes = int(cfg.federation.expected_nodes or len(pool))
     resolve_model(to_container(cfg, "model"))  # build/cache once, before the clients ask for it

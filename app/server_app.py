@@ -46,6 +46,7 @@ def main(grid: Grid, context: Context) -> None:
         expected_nodes=cfg.federation.expected_nodes,
         node_wait_timeout=float(cfg.federation.node_wait_timeout_s),
         eval_every=int(cfg.eval.probe.every),
+        fusion=str(cfg.fusion.operator),
         on_round=lambda record, _arrays: outputs.append_round(record),
     )
     result = strategy.start(

@@ -24,7 +24,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from strategies.fusion import FusionError, check_compatible, uniform_mean
+from strategies.fusion import FusionError, check_compatible, get_operator
 from tasks.spec import TaskInfo
 
 
@@ -71,6 +71,7 @@ class ColdFusion(FedAvg):
         expected_nodes: int | None = None,
         node_wait_timeout: float = 120.0,
         eval_every: int = 1,
+        fusion: str = "uniform_mean",
         on_round: Callable[[RoundRecord, ArrayRecord], None] | None = None,
     ) -> None:
         expected = expected_nodes or len(pool)
@@ -82,6 +83,7 @@ class ColdFusion(FedAvg):
         self.node_wait_timeout = node_wait_timeout
         self.eval_every = eval_every
         self.on_round = on_round
+        self.fuse = get_operator(fusion)
         self.rng = random.Random(seed)  # our own RNG: FedAvg samples with the module-level `random`
         self.nodes: dict[int, NodeTask] = {}
         self._base: ArrayRecord | None = None
@@ -165,7 +167,7 @@ class ColdFusion(FedAvg):
                 server_round, len(bodies), self.min_contributions)
             return None, None
         record.fused = True
-        fused = ArrayRecord(uniform_mean(bodies, base=base))
+        fused = ArrayRecord(self.fuse(bodies, base=base))
         metrics = MetricRecord({
             "contributions": len(bodies),
             "failures": len(record.failures),

@@ -57,3 +57,14 @@ def check_compatible(contributions: Sequence[StateDict], reference: StateDict) -
                     f"contribution {index}, key '{key}': shape {tuple(contribution[key].shape)} "
                     f"!= expected {tuple(ref.shape)}"
                 )
+
+
+# Fusion operators by the name used in conf/fusion/*.yaml.
+FUSION_OPERATORS = {"uniform_mean": uniform_mean}
+
+
+def get_operator(name: str):
+    try:
+        return FUSION_OPERATORS[name]
+    except KeyError:
+        raise FusionError(f"fusion.operator '{name}' is unknown; available: {sorted(FUSION_OPERATORS)}") from None

@@ -331,11 +331,11 @@ _HELDOUT_PREFERENCE = (
     "topic_sent",  # T: topic_group, sentiment, topic
     "qty_bucket",  # Q: quantity, many, plural
     "same_sent",  # P: sentiment, same_topic, sent_relation, paraphrase
-    "contrast",  # C: sentiment, clause2_sent, pos_clauses
-    "quantity_cmp",  # P: quantity, same_topic, paraphrase
+    "quantity_cmp",  # P: quantity, many, same_topic, paraphrase
     "tense_sent",  # C: tense, sentiment, sent_number
+    "topic_qty",  # C: topic_group, quantity, many, topic_loc
     "topic_mod3",
-    "clause2_sent",
+    "contrast",
     "parity",
 )
 

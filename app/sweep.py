@@ -1,0 +1,175 @@
+"""``coldfusion-sweep``: Hydra multirun over real Flower simulations, with one summary at the end.
+
+    coldfusion-sweep -m contributors_per_round=2,8 seed=0,1,2
+    coldfusion-sweep -m experiment=quick client.head_policy=keep,reinit
+
+Hydra expands the sweep; each job runs ``coldfusion-sim``'s path (a private SuperLink, ``flwr run``,
+the run's final status checked with ``flwr ls``) one after another, and keeps the run's outputs in the
+job's own Hydra directory (``multirun/<date>/<time>/<job>/``). When the sweep ends, ``summary.csv``,
+``summary.md`` and ``summary.png`` in the sweep directory hold one row per job (its overrides, final
+seen and unseen probe scores, best round, wall time, status and, for a failed job, the reason), plus the
+mean and standard deviation over seeds for settings that repeat. The exit status is 0 only if every
+job completed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from app.config import CONF_DIR
+from app.outputs import read_metrics
+
+JOB_FILE = "job.json"
+_last_sweep: dict[str, Any] = {}
+
+
+def run_job(overrides: list[str], job_dir: Path) -> dict[str, Any]:
+    """One sweep job: a real simulation with these overrides; never raises, records what happened."""
+    from app.launch import run_simulation
+
+    started = time.perf_counter()
+    job: dict[str, Any] = {"overrides": " ".join(overrides), "status": "failed", "reason": "",
+                           "seen": None, "unseen": None, "best_round": None, "best_unseen": None}
+    try:
+        status, run_dir = run_simulation(overrides, output_root=job_dir)
+        job["status"] = "completed" if status == "finished:completed" else "failed"
+        if job["status"] == "failed":
+            job["reason"] = f"run status {status}"
+        if run_dir is not None and (run_dir / "metrics.jsonl").exists():
+            records = read_metrics(run_dir)
+            job.update(seen=records[-1]["probe_contributing"], unseen=records[-1]["probe_heldout"],
+                       run_dir=str(run_dir))
+            scored = [r for r in records if r["probe_heldout"] is not None]
+            if scored:
+                best = max(scored, key=lambda r: r["probe_heldout"])
+                job.update(best_round=best["round"], best_unseen=best["probe_heldout"])
+    except Exception as exc:  # noqa: BLE001 - a failed job is a row in the summary, not a crash
+        job["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        (job_dir / "error.txt").write_text(traceback.format_exc())
+    job["seconds"] = round(time.perf_counter() - started, 1)
+    (job_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
+    return job
+
+
+def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Collect every job of a sweep into summary.csv / summary.md / summary.png; return the rows."""
+    rows = []
+    for path in sorted(sweep_dir.glob(f"*/{JOB_FILE}"), key=lambda p: int(p.parent.name)
+                       if p.parent.name.isdigit() else 0):
+        rows.append({"job": path.parent.name, **json.loads(path.read_text())})
+    columns = ["job", "overrides", "status", "seen", "unseen", "best_round", "best_unseen", "seconds", "reason"]
+    with open(sweep_dir / "summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    groups = seed_groups(rows)
+    (sweep_dir / "summary.md").write_text(markdown_summary(rows, columns, groups))
+    if rows:
+        plot_summary(rows, sweep_dir / "summary.png")
+    return rows
+
+
+def seed_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Completed jobs grouped by their overrides without ``seed=``: repeats of one setting."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "completed":
+            setting = " ".join(o for o in row["overrides"].split() if not o.startswith("seed=")) or "(defaults)"
+            groups.setdefault(setting, []).append(row)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def markdown_summary(rows, columns, groups) -> str:
+    def cell(row, column):
+        value = row.get(column)
+        if value is None:
+            return ""
+        if column in ("seen", "unseen", "best_unseen"):
+            return f"{100 * value:.2f}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["# Sweep summary", "", "Scores: linear-probe accuracy (%) of the final base, mean over "
+             "contributing (seen) and held-out (unseen) tasks.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
+    if groups:
+        lines += ["", "## Over seeds", "", "| setting | jobs | seen mean ± std | unseen mean ± std |", "|---|---|---|---|"]
+        for setting, members in groups.items():
+            lines.append(f"| {setting} | {len(members)} | {_mean_std([m['seen'] for m in members])} | "
+                         f"{_mean_std([m['unseen'] for m in members])} |")
+    failed = [r for r in rows if r["status"] != "completed"]
+    lines += ["", f"{len(rows) - len(failed)} of {len(rows)} jobs completed."]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float | None]) -> str:
+    values = [100 * v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+
+
+def plot_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['job']}: {r['overrides'] or '(defaults)'}" + ("" if r["status"] == "completed" else " [failed]")
+              for r in rows]
+    seen = [100 * (r["seen"] or 0) for r in rows]
+    unseen = [100 * (r["unseen"] or 0) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], seen, height=0.4, label="seen (contributing)")
+    ax.barh([i - 0.2 for i in y], unseen, height=0.4, label="unseen (held out)")
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("final linear-probe accuracy (%)")
+    ax.set_title("ColD Fusion sweep")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: write the sweep's summary once every job has run."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = summarise(sweep_dir)
+        _last_sweep.update(dir=sweep_dir, rows=rows)
+        print((sweep_dir / "summary.md").read_text())
+        print(f"sweep summary: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.png'}")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _job(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_job(list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
+
+
+def main() -> int:
+    """Console entry point: run the Hydra app, then exit non-zero if any job failed."""
+    if "-m" not in sys.argv and "--multirun" not in sys.argv:
+        sys.argv.insert(1, "--multirun")  # a sweep tool: a single setting is a sweep of one job
+    _job()
+    rows = _last_sweep.get("rows", [])
+    return 0 if rows and all(r["status"] == "completed" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

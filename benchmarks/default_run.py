@@ -1,0 +1,76 @@
+"""Measure the default run: wall time, peak memory of the whole process tree, held-out gain.
+
+    .venv/bin/python benchmarks/default_run.py [hydra overrides...]
+
+Runs ``coldfusion-sim`` (35 virtual clients, 8 contributors per round, 10 rounds on the tiny model and
+the synthetic tasks unless overridden) as a child process, samples the summed RSS of it and all its
+descendants (SuperLink, ServerApp, Ray workers) every 0.2 s, and prints the figures the README quotes.
+Targets: under 5 minutes, peak under 4 GB, held-out linear-probe gain of at least +5 points.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def main() -> int:
+    out_root = REPO / "outputs" / "benchmarks"
+    command = [str(Path(sys.executable).parent / "coldfusion-sim"), "--output-dir", str(out_root), *sys.argv[1:]]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = psutil.Process(child.pid)
+    peak, lines = 0, []
+    import threading
+
+    reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)
+    reader.start()
+    while child.poll() is None:
+        try:
+            peak = max(peak, tree_rss(watcher))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    reader.join()
+    wall = time.perf_counter() - start
+    output = "".join(lines)
+    run_dir = next((l.split("fused model:")[1].strip() for l in output.splitlines() if "fused model:" in l), None)
+    if child.returncode != 0 or run_dir is None:
+        print(output[-4000:])
+        print(f"run failed (exit {child.returncode})")
+        return 1
+    records = [json.loads(l) for l in (Path(run_dir).parent / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    best = max(records, key=lambda r: r["probe_heldout"] or 0)
+    print(f"command: {' '.join(command[1:])}")
+    print(f"rounds: {last['round']}, contributors/round: {len(last['contributors'])}, nodes: {len(first['probe'])}")
+    print(f"wall time: {wall:.1f} s (target < 300 s)")
+    print(f"peak memory (process tree RSS): {peak / 2**30:.2f} GiB (target < 4 GiB)")
+    print(f"held-out probe accuracy: round 0 {100 * first['probe_heldout']:.1f} -> round {last['round']} "
+          f"{100 * last['probe_heldout']:.1f} ({100 * (last['probe_heldout'] - first['probe_heldout']):+.1f} points; "
+          f"best {100 * best['probe_heldout']:.1f} at round {best['round']}) (target >= +5)")
+    print(f"contributing probe accuracy: round 0 {100 * first['probe_contributing']:.1f} -> "
+          f"{100 * last['probe_contributing']:.1f}")
+    print(f"run directory: {Path(run_dir).parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
