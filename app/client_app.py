@@ -6,17 +6,24 @@
 
 Which task? In deployment the node config names it (``task=...`` and, for a local directory,
 ``data-dir=...``); in simulation ``partition-id`` i takes the i-th entry of the pool the server sends.
+
+Site settings in the node config (deployment): ``state-dir=/abs/path`` keeps this site's heads and its
+log of contributions on disk (``app.site_state``; otherwise heads live in ``context.state``, which
+lasts one run), ``device=cpu|cuda|cuda:N`` overrides the server's ``client.device``.
 """
 
 from __future__ import annotations
 
 import json
 from functools import lru_cache
+from logging import WARNING
 from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
+from app.faults import before_training, corrupt_body, fault_for
 from app.model import (
     body_state,
     build_classifier,
@@ -29,6 +36,7 @@ from app.model import (
     resolve_model,
 )
 from app.probe import extract_features, probe_score
+from app.site_state import SiteState
 from app.train import finetune
 from tasks.registry import entry_key, load_task_cached
 from tasks.spec import TaskDataError
@@ -77,18 +85,68 @@ def train(msg: Message, context: Context) -> Message:
     # A fresh head is drawn from a seed that depends on the task (and on the round when heads are
     # re-initialised), so runs are reproducible and no head is ever reused by accident.
     model = build_classifier(path, info.num_labels, derive_seed(seed, info.name, "head", 0 if keep_head else server_round))
-    load_body(model, msg.content["arrays"].to_torch_state_dict())
-    head_key = f"head:{info.name}"
-    if keep_head and head_key in context.state:
-        load_head(model, context.state[head_key].to_torch_state_dict())
-    stats = finetune(model, data["train"], tokenizer, recipe, derive_seed(seed, info.name, "train", server_round),
-                     pick_device(str(recipe["device"])))
+    received = msg.content["arrays"].to_torch_state_dict()
+    load_body(model, received)
+    faults = json.loads(str(config.get("faults", "{}")))
+    fault = fault_for(faults, info.name)  # testing aid, off unless faults.enabled
+    before_training(fault, faults)
+    heads = _HeadStore(context, info.name, str(recipe.get("head_scope", "run")))
+    head_origin = "reinit"
     if keep_head:
-        context.state[head_key] = ArrayRecord(head_state(model))
+        head_origin = heads.load_into(model)
+    device = pick_device(_device(context, recipe["device"]))
+    stats = finetune(model, data["train"], tokenizer, recipe, derive_seed(seed, info.name, "train", server_round),
+                     device)
+    if keep_head:
+        heads.save(head_state(model))
+    if heads.site is not None:
+        heads.site.log_contribution(run_id=int(context.run_id), round=server_round, task=info.name,
+                                    train_loss=stats.loss, examples=stats.examples, steps=stats.steps,
+                                    seconds=round(stats.seconds, 3), head=head_origin, device=str(device))
     metrics = MetricRecord({"train-loss": stats.loss, "num-examples": stats.examples, "steps": stats.steps,
-                            "seconds": stats.seconds})
-    # Only the body leaves the node: the head stays here, in context.state.
-    return Message(content=RecordDict({"arrays": ArrayRecord(body_state(model)), "metrics": metrics}), reply_to=msg)
+                            "seconds": stats.seconds, "server-round": server_round})
+    body = corrupt_body(fault, body_state(model), received, faults) if fault else body_state(model)
+    # Only the body leaves the node: the head stays here (context.state or the site's state-dir).
+    return Message(content=RecordDict({"arrays": ArrayRecord(body), "metrics": metrics}), reply_to=msg)
+
+
+class _HeadStore:
+    """Where this task's head lives: the site's ``state-dir`` when configured, else ``context.state``."""
+
+    def __init__(self, context: Context, task: str, scope: str) -> None:
+        self.context, self.task, self.scope = context, task, scope
+        state_dir = context.node_config.get("state-dir")
+        self.site = SiteState(str(state_dir)) if state_dir else None
+        if self.site is not None:
+            self.site.head_path(task, context.run_id, scope)  # a bad scope fails here, before training
+
+    def load_into(self, model) -> str:
+        """Attach the stored head if there is one; returns 'loaded' or 'fresh'."""
+        if self.site is None:
+            stored = self.context.state.get(f"head:{self.task}")
+            head = stored.to_torch_state_dict() if stored is not None else None
+        else:
+            head = self.site.load_head(self.task, self.context.run_id, self.scope)
+        if head is None:
+            return "fresh"
+        try:
+            load_head(model, head)
+        except (ValueError, RuntimeError) as exc:  # e.g. a site-scoped head from another model
+            log(WARNING, "stored head of task '%s' does not fit this model (%s): starting a fresh one",
+                self.task, str(exc).splitlines()[0])
+            return "fresh (stored head did not fit)"
+        return "loaded"
+
+    def save(self, head) -> None:
+        if self.site is None:
+            self.context.state[f"head:{self.task}"] = ArrayRecord(head)
+        else:
+            self.site.save_head(self.task, self.context.run_id, self.scope, head)
+
+
+def _device(context: Context, server_choice: str) -> str:
+    """The site's own ``device`` node config wins over the server's ``client.device``."""
+    return str(context.node_config.get("device") or server_choice)
 
 
 @app.evaluate()
@@ -98,7 +156,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     info, path, tokenizer, data = _prepare(config, int(config["max-length"]))
     model = build_classifier(path, info.num_labels, 0)
     load_body(model, msg.content["arrays"].to_torch_state_dict())
-    device = pick_device(str(config["device"]))
+    device = pick_device(_device(context, str(config["device"])))
     splits = {
         name: data[name].select(range(min(len(data[name]), int(probe[f"max_{name}_examples"]))))
         for name in ("train", "test")

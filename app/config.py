@@ -82,17 +82,34 @@ def validate_config(cfg: DictConfig) -> None:
         _require(cfg, "client.max_steps", int, positive, "must be >= 1 or null")
     if cfg.client.epochs is not None:
         _require(cfg, "client.epochs", number, positive, "must be > 0 or null")
+    if cfg.client.max_grad_norm is not None:
+        _require(cfg, "client.max_grad_norm", number, positive, "must be > 0 or null")
     _require(cfg, "client.head_policy", str, lambda v: v in ("keep", "reinit"), "must be 'keep' or 'reinit'")
+    _require(cfg, "client.head_scope", str, lambda v: v in ("run", "site"), "must be 'run' or 'site'")
     _require(cfg, "client.device", str, bool, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     _require(cfg, "eval.probe.every", int, positive, "must be >= 1")
     _require(cfg, "eval.probe.pooling", str, lambda v: v in ("cls", "mean"), "must be 'cls' or 'mean'")
     _require(cfg, "eval.probe.max_train_examples", int, positive, "must be >= 1")
     _require(cfg, "eval.probe.max_test_examples", int, positive, "must be >= 1")
+    for key in ("validation.max_update_norm", "validation.max_relative_norm", "backtrack.threshold"):
+        if OmegaConf.select(cfg, key) is not None:
+            _require(cfg, key, number, lambda v: v > 0, "must be > 0 or null")
+    _require(cfg, "backtrack.monitor", str, lambda v: v in ("contributing", "heldout"), "must be 'contributing' or 'heldout'")
+    if cfg.resume is not None:
+        _require(cfg, "resume", str, lambda v: Path(v).is_dir(), "must be an existing run directory")
+    _require(cfg, "faults.enabled", bool)
+    from app.faults import FAULTS
+
+    for task, fault in (cfg.faults.tasks or {}).items():
+        if fault not in FAULTS:
+            raise ConfigError(f"config key 'faults.tasks.{task}' has invalid value {fault!r}: must be one of {FAULTS}")
     from strategies.fusion import FUSION_OPERATORS
 
     _require(cfg, "fusion.operator", str, lambda v: v in FUSION_OPERATORS, f"must be one of {sorted(FUSION_OPERATORS)}")
     _require(cfg, "tasks.kind", str, lambda v: v in ("synthetic", "catalog"), "must be 'synthetic' or 'catalog'")
 
 
-def to_container(cfg: DictConfig, key: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)  # type: ignore[return-value]
+def to_container(cfg: DictConfig, key: str = "") -> dict:
+    """A plain dict of ``cfg[key]`` (the whole config for ""), interpolations resolved."""
+    node = OmegaConf.select(cfg, key) if key else cfg
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]

@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,10 +38,12 @@ from typing import Iterator
 import httpx
 from rich.console import Console
 
+from app.checkpoint import resume_checkpoint
 from app.config import ConfigError, compose_config, to_container
-from app.model import resolve_model
+from app.model import ModelLoadError, load_config, resolve_model
 from app.outputs import read_metrics, summary_table
 from tasks.registry import build_pool
+from tasks.spec import TaskDataError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "coldfusion-sim"
@@ -87,13 +90,17 @@ def simulation_superlink(log_path: Path) -> Iterator[dict[str, str]]:
         stop_process_group(process)
 
 
-def wait_healthy(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+def wait_healthy(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0,
+                 ca_cert: Path | None = None) -> None:
+    """Poll the SuperLink's ``/health`` (over TLS, verified against ``ca_cert``, when one is given)."""
+    url = f"{'https' if ca_cert else 'http'}://127.0.0.1:{port}/health"
+    verify = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"flower-superlink exited with code {process.returncode}; see {log_path}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+            if httpx.get(url, timeout=0.5, verify=verify).is_success:
                 return
         except httpx.HTTPError:
             pass
@@ -120,13 +127,17 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def submit_run(env: dict[str, str], run_config: dict[str, str], federation_config: str,
-               workdir: Path) -> tuple[int, str]:
-    """``flwr run --stream``; stream its output and return (run id, final status)."""
+def submit_run(env: dict[str, str], run_config: dict[str, str], federation_config: str | None,
+               workdir: Path, connection: str = CONNECTION) -> tuple[int, str]:
+    """``flwr run --stream``; stream its output and return (run id, final status).
+
+    ``federation_config`` sizes a simulation; pass None for a deployment connection.
+    """
     config_file = workdir / "run-config.toml"
     config_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
-    command = ["flwr", "run", str(PROJECT_DIR), CONNECTION, "--stream", "--run-config", str(config_file),
-               "--federation-config", federation_config]
+    command = ["flwr", "run", str(PROJECT_DIR), connection, "--stream", "--run-config", str(config_file)]
+    if federation_config is not None:
+        command += ["--federation-config", federation_config]
     run_id = None
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           cwd=PROJECT_DIR) as proc:
@@ -139,11 +150,11 @@ def submit_run(env: dict[str, str], run_config: dict[str, str], federation_confi
                 run_id = int(match.group(1))
     if run_id is None:
         raise RuntimeError(f"'flwr run' did not report a run id (exit code {proc.returncode})")
-    return run_id, run_status(env, run_id)
+    return run_id, run_status(env, run_id, connection)
 
 
-def run_status(env: dict[str, str], run_id: int) -> str:
-    out = subprocess.run(["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+def run_status(env: dict[str, str], run_id: int, connection: str = CONNECTION) -> str:
+    out = subprocess.run(["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
                          env=env, capture_output=True, text=True, cwd=PROJECT_DIR)
     try:
         runs = json.loads(out.stdout)["runs"]
@@ -159,9 +170,14 @@ def run_simulation(overrides: list[str], experiment: str = "", output_root: Path
     if cfg.tasks.get("data_root") and not Path(str(cfg.tasks.data_root)).is_absolute():
         # The ServerApp runs in the SuperLink's working directory: hand it the path meant here.
         overrides = [*overrides, f"tasks.data_root={Path(str(cfg.tasks.data_root)).resolve()}"]
+    if cfg.resume:  # fail here, with the differing keys named, rather than in the ServerApp
+        resume_checkpoint(cfg.resume, to_container(compose_config(experiment, overrides)),
+                          bool(cfg.resume_allow_config_change))
     pool = build_pool(to_container(cfg, "tasks"))
     num_nodes = int(cfg.federation.expected_nodes or len(pool))
-    resolve_model(to_container(cfg, "model"))  # build/cache once, before the clients ask for it
+    # Build (tiny) and check the model once, before the clients ask for it: a path that does not
+    # load fails here, with its name, not in 35 clients.
+    load_config(resolve_model(to_container(cfg, "model")))
     output_root = (output_root or PROJECT_DIR / "outputs").resolve()
     output_root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="launch-", dir=output_root))
@@ -171,6 +187,8 @@ def run_simulation(overrides: list[str], experiment: str = "", output_root: Path
     federation_config = f"num-supernodes={num_nodes} client-resources-num-cpus={cpus_per_client}"
     with simulation_superlink(workdir / "superlink.log") as env:
         run_id, status = submit_run(env, run_config, federation_config, workdir)
+    if cfg.resume:
+        return status, Path(str(cfg.resume)).resolve()
     run_dirs = sorted(output_root.glob(f"*-run{run_id}"))
     return status, (run_dirs[-1] if run_dirs else None)
 
@@ -185,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     experiment = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")), "")
     overrides = [o for o in args.overrides if not o.startswith("experiment=")]
+    # SIGTERM (a scheduler, a test, `kill PID`) unwinds like Ctrl-C, so the SuperLink is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         status, run_dir = run_simulation(overrides, experiment, args.output_dir, args.cpus_per_client)
-    except ConfigError as exc:
-        console.print(f"[red]configuration error:[/red] {exc}")
+    except (ConfigError, TaskDataError, ModelLoadError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
         return 2
     if run_dir is not None and (run_dir / "metrics.jsonl").exists():
         console.print(summary_table(read_metrics(run_dir)))

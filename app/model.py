@@ -79,7 +79,12 @@ def build_tiny_model(settings: Mapping[str, Any], cache_dir: str | None = None) 
     machine) that asks for the same settings gets byte-identical files, and concurrent builders race
     harmlessly: each writes a private temporary folder and renames it into place.
     """
-    key = json.dumps({"v": TINY_VERSION, **dict(settings)}, sort_keys=True)
+    from tasks.synthetic import synthetic_vocabulary
+
+    # The digest covers the language the tokenizer is trained on, so a change of the synthetic
+    # generator can never reuse a stale cached model with another vocabulary.
+    language = hashlib.sha256(" ".join(synthetic_vocabulary(int(settings["corpus_seed"]))).encode()).hexdigest()
+    key = json.dumps({"v": TINY_VERSION, "language": language, **dict(settings)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     target = Path(cache_dir or default_cache_dir()) / f"tiny-{digest}"
     if (target / "config.json").exists():
@@ -149,7 +154,7 @@ def load_tokenizer(path: str):
 
 
 @lru_cache(maxsize=8)
-def _load_config(path: str):
+def load_config(path: str):
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
@@ -163,10 +168,10 @@ def build_classifier(path: str, num_labels: int, head_seed: int) -> PreTrainedMo
     the body they were sent. We never rely on ``from_pretrained(..., ignore_mismatched_sizes=True)``,
     which silently reuses a stored head whose shape happens to match.
     """
-    settings = {k: v for k, v in _load_config(path).to_dict().items() if k not in ("id2label", "label2id")}
+    settings = {k: v for k, v in load_config(path).to_dict().items() if k not in ("id2label", "label2id")}
     settings["num_labels"] = num_labels
     settings["problem_type"] = "regression" if num_labels == 1 else "single_label_classification"
-    config = _load_config(path).__class__.from_dict(settings)
+    config = load_config(path).__class__.from_dict(settings)
     torch.manual_seed(head_seed)
     return AutoModelForSequenceClassification.from_config(config)
 

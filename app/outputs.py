@@ -30,6 +30,15 @@ class RunOutputs:
         (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return cls(path)
 
+    @classmethod
+    def reopen(cls, directory: str | Path, history: list[dict[str, Any]]) -> "RunOutputs":
+        """Continue a run's directory: its metrics file becomes exactly the checkpoint's history."""
+        outputs = cls(Path(directory).expanduser().resolve())
+        tmp = outputs.dir / f".{METRICS_FILE}.tmp"
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+        os.replace(tmp, outputs.dir / METRICS_FILE)
+        return outputs
+
     def append_round(self, record: Any) -> None:
         """One JSON line per round, flushed and fsynced so a crash never loses a finished round."""
         with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as fh:

@@ -50,7 +50,8 @@ def finetune(model, train_set, tokenizer, recipe: Mapping[str, Any], seed: int, 
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(recipe.get("max_grad_norm", 1.0)))
+            if recipe.get("max_grad_norm") is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(recipe["max_grad_norm"]))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -10,13 +10,14 @@ Targets: under 5 minutes, peak under 4 GB, held-out linear-probe gain of at leas
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+
+from app.outputs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def tree_rss(process: psutil.Process) -> int:
 
 
 def main() -> int:
-    out_root = REPO / "outputs" / "benchmarks"
+    out_root = REPO / "outputs" / "benchmarks" / time.strftime("%Y%m%d-%H%M%S")
     command = [str(Path(sys.executable).parent / "coldfusion-sim"), "--output-dir", str(out_root), *sys.argv[1:]]
     start = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -51,12 +52,13 @@ def main() -> int:
     reader.join()
     wall = time.perf_counter() - start
     output = "".join(lines)
-    run_dir = next((l.split("fused model:")[1].strip() for l in output.splitlines() if "fused model:" in l), None)
-    if child.returncode != 0 or run_dir is None:
+    run_dirs = sorted(out_root.glob("*-run*"))
+    if child.returncode != 0 or len(run_dirs) != 1:
         print(output[-4000:])
         print(f"run failed (exit {child.returncode})")
         return 1
-    records = [json.loads(l) for l in (Path(run_dir).parent / "metrics.jsonl").read_text().splitlines()]
+    run_dir = run_dirs[0]
+    records = read_metrics(run_dir)
     first, last = records[0], records[-1]
     best = max(records, key=lambda r: r["probe_heldout"] or 0)
     print(f"command: {' '.join(command[1:])}")
@@ -68,7 +70,7 @@ def main() -> int:
           f"best {100 * best['probe_heldout']:.1f} at round {best['round']}) (target >= +5)")
     print(f"contributing probe accuracy: round 0 {100 * first['probe_contributing']:.1f} -> "
           f"{100 * last['probe_contributing']:.1f}")
-    print(f"run directory: {Path(run_dir).parent}")
+    print(f"run directory: {run_dir}")
     return 0
 
 

@@ -24,7 +24,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from strategies.fusion import FusionError, check_compatible, get_operator
+from strategies.fusion import get_operator
+from strategies.validation import Contribution, assert_finite, screen
 from tasks.spec import TaskInfo
 
 
@@ -49,8 +50,11 @@ class RoundRecord:
     contributors: list[str] = field(default_factory=list)
     train_loss: dict[str, float] = field(default_factory=dict)
     train_examples: dict[str, int] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)  # "task: reason" for every skipped contribution
+    failures: list[str] = field(default_factory=list)  # "task: reason": error replies and missing replies
+    rejections: list[str] = field(default_factory=list)  # "task (node n): reason": contributions failing validation
+    update_norms: dict[str, float] = field(default_factory=dict)  # L2 norm of each well-formed update
     fused: bool = False
+    rolled_back: bool = False  # back-tracking undid this round's fusion
     probe: dict[str, float] = field(default_factory=dict)
     probe_contributing: float | None = None
     probe_heldout: float | None = None
@@ -72,6 +76,10 @@ class ColdFusion(FedAvg):
         node_wait_timeout: float = 120.0,
         eval_every: int = 1,
         fusion: str = "uniform_mean",
+        max_update_norm: float | None = None,
+        max_relative_norm: float | None = None,
+        backtrack_threshold: float | None = None,
+        backtrack_monitor: str = "contributing",
         on_round: Callable[[RoundRecord, ArrayRecord], None] | None = None,
     ) -> None:
         expected = expected_nodes or len(pool)
@@ -84,6 +92,10 @@ class ColdFusion(FedAvg):
         self.eval_every = eval_every
         self.on_round = on_round
         self.fuse = get_operator(fusion)
+        self.max_update_norm = max_update_norm
+        self.max_relative_norm = max_relative_norm
+        self.backtrack_threshold = backtrack_threshold
+        self.backtrack_monitor = backtrack_monitor
         self.rng = random.Random(seed)  # our own RNG: FedAvg samples with the module-level `random`
         self.nodes: dict[int, NodeTask] = {}
         self._base: ArrayRecord | None = None
@@ -137,43 +149,52 @@ class ColdFusion(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every contribution, then fuse the valid ones; never produce a non-finite base."""
         record = self._record
         replies = list(replies)
-        answered = {r.metadata.src_node_id for r in replies}
-        bodies = []
-        base = self._base.to_torch_state_dict() if self._base is not None else None
+        base = self._base.to_torch_state_dict()
+        contributions = []
         for reply in replies:
-            task = self.nodes[reply.metadata.src_node_id].name
+            node_id = reply.metadata.src_node_id
+            task = self.nodes[node_id].name
             if reply.has_error():
                 record.failures.append(f"{task}: error reply: {reply.error.reason}")
                 continue
-            body = reply.content["arrays"].to_torch_state_dict()
-            try:
-                check_compatible([body], base)
-            except FusionError as exc:
-                record.failures.append(f"{task}: {exc}")
-                continue
-            bodies.append(body)
             metrics = reply.content["metrics"]
+            contributions.append(Contribution(node_id, task, int(metrics.get("server-round", -1)),
+                                              reply.content["arrays"].to_torch_state_dict()))
             record.train_loss[task] = float(metrics["train-loss"])
             record.train_examples[task] = int(metrics["num-examples"])
-        for name in record.contributors:
-            if not any(self.nodes[n].name == name for n in answered):
-                record.failures.append(f"{name}: no reply within the round timeout")
-        for failure in record.failures:
-            log(WARNING, "Round %d skipped a contribution: %s", server_round, failure)
-        if len(bodies) < self.min_contributions:
+        answered = {self.nodes[r.metadata.src_node_id].name for r in replies}
+        record.failures += [f"{name}: no reply within the round timeout"
+                            for name in record.contributors if name not in answered]
+        valid, rejected, norms = screen(contributions, base, server_round, self.max_update_norm,
+                                        self.max_relative_norm)
+        record.rejections = [str(r) for r in rejected]
+        record.update_norms = {task: round(norm, 6) for task, norm in sorted(norms.items())}
+        for problem in record.failures + record.rejections:
+            log(WARNING, "Round %d skipped a contribution: %s", server_round, problem)
+        if len(valid) < self.min_contributions:
             log(WARNING, "Round %d: %d valid contribution(s) < min_contributions=%d: keeping the previous base",
-                server_round, len(bodies), self.min_contributions)
+                server_round, len(valid), self.min_contributions)
+            return None, None
+        # A fixed order (by task) makes the float64 sum, hence the fused base, reproducible bit for bit.
+        valid.sort(key=lambda c: (c.task, c.node_id))
+        fused = self.fuse([c.body for c in valid], base=base)
+        try:
+            assert_finite(fused, f"round {server_round} fused base")
+        except ValueError as exc:
+            log(WARNING, "%s: keeping the previous base", exc)
+            record.rejections.append(str(exc))
             return None, None
         record.fused = True
-        fused = ArrayRecord(self.fuse(bodies, base=base))
         metrics = MetricRecord({
-            "contributions": len(bodies),
+            "contributions": len(valid),
             "failures": len(record.failures),
-            "train-loss": mean(record.train_loss.values()),
+            "rejections": len(record.rejections),
+            "train-loss": mean(record.train_loss[c.task] for c in valid),
         })
-        return fused, metrics
+        return ArrayRecord(fused), metrics
 
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -212,12 +233,13 @@ class ColdFusion(FedAvg):
     # ------------------------------------------------------------------ the loop
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn=None) -> Result:
-        """Discovery, round-0 evaluation of the starting model, then ``num_rounds`` rounds of ColD Fusion.
+              evaluate_fn=None, first_round: int = 0, last_score: float | None = None) -> Result:
+        """Discovery, round-0 evaluation of the starting model, then rounds up to ``num_rounds``.
 
-        Flower's ``Strategy.start`` evaluates clients only after training rounds; the paper's curves
-        start at iteration 0, so this loop evaluates the starting base too and reports every round to
-        ``on_round`` as soon as it is complete.
+        Flower's ``Strategy.start`` evaluates clients only after training rounds and always runs rounds
+        1..N; the paper's curves start at iteration 0, and a resumed run continues at ``first_round``
+        (with ``last_score``, the monitored score of its base, for back-tracking). Every finished round
+        goes to ``on_round`` at once.
         """
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
@@ -225,8 +247,10 @@ class ColdFusion(FedAvg):
         self.discover(grid, timeout)
         result = Result(arrays=initial_arrays)
         arrays = initial_arrays
-        for server_round in range(0, num_rounds + 1):
+        for server_round in range(first_round, num_rounds + 1):
             t0 = time.perf_counter()
+            previous = arrays
+            self._record = RoundRecord(server_round)
             if server_round > 0:
                 replies = grid.send_and_receive(self.configure_train(server_round, arrays, train_config, grid),
                                                 timeout=timeout)
@@ -235,8 +259,6 @@ class ColdFusion(FedAvg):
                     arrays = fused
                 if train_metrics is not None:
                     result.train_metrics_clientapp[server_round] = train_metrics
-            else:
-                self._record = RoundRecord(0)
             record = self._record
             record.seconds_train = time.perf_counter() - t0
             if server_round % self.eval_every == 0 or server_round in (0, num_rounds):
@@ -247,6 +269,14 @@ class ColdFusion(FedAvg):
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
                 record.seconds_eval = time.perf_counter() - t1
+                score = getattr(record, f"probe_{self.backtrack_monitor}")
+                if self._should_roll_back(record, last_score, score):
+                    arrays = previous
+                    record.rolled_back = True
+                    log(WARNING, "Round %d rolled back: %s probe fell from %.4f to %.4f (contributors: %s)",
+                        server_round, self.backtrack_monitor, last_score, score, ", ".join(record.contributors))
+                elif score is not None:
+                    last_score = score
             log(INFO, "Round %d/%d done in %.1fs: probe contributing=%s heldout=%s", server_round, num_rounds,
                 record.seconds_train + record.seconds_eval, _fmt(record.probe_contributing),
                 _fmt(record.probe_heldout))
@@ -254,6 +284,10 @@ class ColdFusion(FedAvg):
                 self.on_round(record, arrays)
         result.arrays = arrays
         return result
+
+    def _should_roll_back(self, record: RoundRecord, before: float | None, after: float | None) -> bool:
+        return (self.backtrack_threshold is not None and record.fused and before is not None
+                and after is not None and before - after > self.backtrack_threshold)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5) -> list[int]:

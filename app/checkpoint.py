@@ -1,0 +1,101 @@
+"""Per-round checkpoints of a run, written atomically, and what resuming needs from them.
+
+``<run dir>/ckpt-NNNN/`` holds ``body.safetensors`` (the base after round NNNN) and ``state.json``
+(the round, the sampler's random state, the history of round records, the resolved
+configuration). It is written as ``.ckpt-NNNN.tmp`` and renamed into place, so a crash mid-write leaves
+either the previous checkpoint or the new one, never a broken one. Only the newest is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+# Keys that may differ between a run and its resumption: how to resume, and how long to go on.
+RESUMABLE_KEYS = ("resume", "resume_allow_config_change", "rounds")
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    body: dict[str, torch.Tensor]
+    rng_state: Any
+    history: list[dict[str, Any]]
+    config: dict[str, Any]  # the resolved configuration the checkpoint was written under
+
+
+def save_checkpoint(run_dir: Path, server_round: int, body: Mapping[str, torch.Tensor], rng_state: Any,
+                    history: list[dict[str, Any]], config: Mapping[str, Any]) -> Path:
+    final = run_dir / f"ckpt-{server_round:04d}"
+    tmp = run_dir / f".ckpt-{server_round:04d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in body.items()}, str(tmp / "body.safetensors"))
+    state = {"round": server_round, "rng_state": _jsonable(rng_state), "history": history,
+             "config": dict(config)}
+    with open(tmp / "state.json", "w") as fh:
+        json.dump(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, final)
+    for old in run_dir.glob("ckpt-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    complete = sorted(p for p in run_dir.glob("ckpt-*") if (p / "state.json").exists())
+    if not complete:
+        return None
+    state = json.loads((complete[-1] / "state.json").read_text())
+    return Checkpoint(state["round"], load_file(str(complete[-1] / "body.safetensors")),
+                      _tuples(state["rng_state"]), state["history"], state["config"])
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ (ignoring RESUMABLE_KEYS), as 'key: saved -> current'."""
+    a, b = flatten(saved), flatten(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value: Any) -> Any:
+    """random.Random.setstate wants the nested tuples json turned into lists back."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def resume_checkpoint(resume_dir: str | Path, current: Mapping[str, Any], allow_config_change: bool) -> Checkpoint:
+    """The checkpoint to resume from; ConfigError if there is none or the configuration differs."""
+    from app.config import ConfigError
+
+    checkpoint = load_latest_checkpoint(Path(resume_dir))
+    if checkpoint is None:
+        raise ConfigError(f"resume={resume_dir}: no complete checkpoint (ckpt-NNNN/) in that directory")
+    differences = config_differences(checkpoint.config, current)
+    if differences and not allow_config_change:
+        raise ConfigError(f"resume={resume_dir}: the configuration differs from the checkpoint's in "
+                          f"{len(differences)} key(s): {'; '.join(differences)}. "
+                          "Set resume_allow_config_change=true to resume anyway.")
+    return checkpoint
