@@ -25,6 +25,7 @@ from flwr.common import log
 
 from app.faults import before_training, corrupt_body, fault_for
 from app.model import (
+    body_signature,
     body_state,
     build_classifier,
     derive_seed,
@@ -72,6 +73,9 @@ def query(msg: Message, context: Context) -> Message:
     info, _ = load_task_cached(entry_key(entry))
     role = str(context.node_config.get("role", ""))  # empty: the server's pool decides
     answer = ConfigRecord({"info": info.to_json(), "entry": entry_key(entry), "role": role})
+    if "model" in msg.content["config"]:  # let the server check that our model fits its body
+        model = build_classifier(_model_path(str(msg.content["config"]["model"])), info.num_labels, 0)
+        answer["body-signature"] = body_signature(body_state(model))
     return Message(content=RecordDict({"task": answer}), reply_to=msg)
 
 

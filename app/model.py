@@ -185,6 +185,12 @@ def initial_body(path: str) -> dict[str, torch.Tensor]:
     return body_state(model)
 
 
+def body_signature(body: Mapping[str, torch.Tensor]) -> str:
+    """Digest of a body's key names, shapes and dtypes: equal signatures mean the bodies can be fused."""
+    layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in sorted(body.items())]
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+
+
 def body_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """Body tensors (keys relative to ``base_model``), detached, on CPU, fp32 for transport."""
     return {

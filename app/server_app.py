@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from app.checkpoint import resume_checkpoint, save_checkpoint
 from app.config import compose_config, to_container
-from app.model import initial_body, resolve_model, save_fused_model
+from app.model import body_signature, initial_body, resolve_model, save_fused_model
 from app.outputs import RunOutputs, read_metrics, render_table
 from strategies.coldfusion import ColdFusion
 from tasks.registry import build_pool
@@ -32,6 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = compose_config(str(run_config.get("experiment", "")), str(run_config.get("overrides", "")))
     resolved = to_container(cfg, "")
     model_path = resolve_model(to_container(cfg, "model"))
+    model_spec = json.dumps(to_container(cfg, "model"), sort_keys=True)
     strategy = ColdFusion(
         pool=build_pool(to_container(cfg, "tasks")),
         contributors_per_round=int(cfg.contributors_per_round),
@@ -45,6 +46,7 @@ def main(grid: Grid, context: Context) -> None:
         max_relative_norm=cfg.validation.max_relative_norm,
         backtrack_threshold=cfg.backtrack.threshold,
         backtrack_monitor=str(cfg.backtrack.monitor),
+        query_config={"model": model_spec},
     )
 
     if cfg.resume:
@@ -57,6 +59,7 @@ def main(grid: Grid, context: Context) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         outputs = RunOutputs.create(Path(str(run_config["output-dir"])) / f"{stamp}-run{context.run_id}", cfg)
         history, start_arrays, first_round = [], initial_body(model_path), 0
+    strategy.body_signature = body_signature(start_arrays)
     log(INFO, "ColD Fusion run %s: outputs in %s", context.run_id, outputs.dir)
 
     def finish_round(record, arrays: ArrayRecord) -> None:
@@ -67,7 +70,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy.on_round = finish_round
     last_score = history[-1][f"probe_{cfg.backtrack.monitor}"] if history else None
-    common = {"model": json.dumps(to_container(cfg, "model"), sort_keys=True), "seed": int(cfg.seed)}
+    common = {"model": model_spec, "seed": int(cfg.seed)}
     result = strategy.start(
         grid,
         initial_arrays=ArrayRecord(start_arrays),

@@ -80,6 +80,8 @@ class ColdFusion(FedAvg):
         max_relative_norm: float | None = None,
         backtrack_threshold: float | None = None,
         backtrack_monitor: str = "contributing",
+        query_config: dict[str, Any] | None = None,
+        body_signature: str | None = None,
         on_round: Callable[[RoundRecord, ArrayRecord], None] | None = None,
     ) -> None:
         expected = expected_nodes or len(pool)
@@ -96,6 +98,8 @@ class ColdFusion(FedAvg):
         self.max_relative_norm = max_relative_norm
         self.backtrack_threshold = backtrack_threshold
         self.backtrack_monitor = backtrack_monitor
+        self.query_config = dict(query_config or {})  # sent with the task query (e.g. the model spec)
+        self.body_signature = body_signature  # nodes whose model body differs are refused at discovery
         self.rng = random.Random(seed)  # our own RNG: FedAvg samples with the module-level `random`
         self.nodes: dict[int, NodeTask] = {}
         self._base: ArrayRecord | None = None
@@ -110,7 +114,7 @@ class ColdFusion(FedAvg):
     def discover(self, grid: Grid, timeout: float) -> dict[int, NodeTask]:
         """Wait for the expected nodes, then ask each which task it holds."""
         node_ids = wait_for_nodes(grid, self.expected_nodes, self.node_wait_timeout)
-        content = RecordDict({"config": ConfigRecord({"pool": json.dumps(self.pool)})})
+        content = RecordDict({"config": ConfigRecord({"pool": json.dumps(self.pool), **self.query_config})})
         messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         roles = {entry["name"]: entry.get("role", "contributing") for entry in self.pool}
@@ -122,6 +126,10 @@ class ColdFusion(FedAvg):
                 continue
             answer = reply.content["task"]
             info = TaskInfo.from_json(str(answer["info"]))
+            signature = answer.get("body-signature")
+            if self.body_signature and signature and signature != self.body_signature:
+                problems.append(f"node {node_id} ({info.name}): its model's body does not match the server's "
+                                f"(layout digest {signature} != {self.body_signature}); check model settings and caches")
             role = str(answer["role"]) or roles.get(info.name, "contributing")
             nodes[node_id] = NodeTask(node_id, info.name, role, info, str(answer["entry"]))
         if len(replies) < len(node_ids):

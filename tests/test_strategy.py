@@ -105,3 +105,15 @@ def test_conflicting_task_definitions_are_refused():
     with pytest.raises(FederationError, match="incompatible definitions of task 't'"):
         check_consistent_tasks([a, b])
     check_consistent_tasks([a, NodeTask(3, "t", "contributing", a.info, "{}")])
+
+
+def test_nodes_whose_model_does_not_fit_the_server_body_are_refused(tiny_cfg, small_pool, tiny_path):
+    from app.model import body_signature
+
+    grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(len(small_pool))])
+    query = {"model": model_json(tiny_cfg)}
+    good = ColdFusion(pool=small_pool, query_config=query, body_signature=body_signature(initial_body(tiny_path)))
+    assert len(good.discover(grid, timeout=60)) == len(small_pool)
+    stale = ColdFusion(pool=small_pool, query_config=query, body_signature="0123456789abcdef")
+    with pytest.raises(FederationError, match=r"its model's body does not match the server's"):
+        stale.discover(grid, timeout=60)
