@@ -4,7 +4,9 @@ Enabled only through ``faults.enabled=true`` in ``conf/`` (off by default). ``fa
 name to one fault; the node holding that task then, every round it is asked to train:
 
 * ``raise``: fails the message (Flower returns an error reply);
-* ``crash``: kills its ClientApp process (``os._exit``) without replying;
+* ``crash``: kills its ClientApp process (``os._exit``) without replying. In a deployment that is one
+  message's process; in a Ray simulation it is a shared actor, and Flower fails every message queued
+  on it (measured: the other contributors of that actor fail too), so prefer ``raise`` there;
 * ``hang``: sleeps ``faults.hang_s`` seconds before answering (past the round timeout);
 * ``non_finite``: replies with NaN in one tensor; ``wrong_shape``: one tensor of another shape;
   ``drop_key``: one key missing; ``scale``: an update ``faults.scale`` times larger than trained.

@@ -166,7 +166,7 @@ class ColdFusion(FedAvg):
             node_id = reply.metadata.src_node_id
             task = self.nodes[node_id].name
             if reply.has_error():
-                record.failures.append(f"{task}: error reply: {reply.error.reason}")
+                record.failures.append(f"{task}: error reply: {_first_line(reply.error.reason)}")
                 continue
             metrics = reply.content["metrics"]
             contributions.append(Contribution(node_id, task, int(metrics.get("server-round", -1)),
@@ -326,6 +326,10 @@ def check_consistent_tasks(nodes: Iterable[NodeTask]) -> None:
         if other.role != node.role:
             raise FederationError(f"nodes {other.node_id} and {node.node_id} give task '{node.name}' "
                                   f"different roles: {other.role} vs {node.role}")
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    return (text.strip().splitlines() or [""])[0][:limit]
 
 
 def _fmt(value: float | None) -> str:

@@ -182,12 +182,7 @@ def _class_labels(col: pa.ChunkedArray, info: TaskInfo, what: str, where: str) -
                 f"{where}: {what} row {i}: label {col[i].as_py()!r} is neither an integer nor one of "
                 f"the label names {list(info.label_names)}"
             )
-        i = _first(pc.or_(pc.less(idx, 0), pc.greater_equal(idx, n)))
-        if i >= 0:
-            raise TaskDataError(
-                f"{where}: {what} row {i}: label {col[i].as_py()!r} is outside [0, {n}) "
-                f"(label names {list(info.label_names)})"
-            )
+        _check_range(idx, col, info, where, what)
         return idx
     if pa.types.is_floating(t) or pa.types.is_decimal(t):
         f = col.cast(pa.float64())
@@ -199,20 +194,10 @@ def _class_labels(col: pa.ChunkedArray, info: TaskInfo, what: str, where: str) -
                 f"{where}: {what} row {i}: label {col[i].as_py()!r} is not an integer class index "
                 f"(classification task with {n} labels)"
             )
-        i = _first(pc.or_(pc.less(f, 0), pc.greater_equal(f, n)))
-        if i >= 0:
-            raise TaskDataError(
-                f"{where}: {what} row {i}: label {col[i].as_py()!r} is outside [0, {n}) "
-                f"(label names {list(info.label_names)})"
-            )
+        _check_range(f, col, info, where, what)
         return f.cast(pa.int64())
     if pa.types.is_integer(t):
-        i = _first(pc.or_(pc.less(col, 0), pc.greater_equal(col, n)))
-        if i >= 0:
-            raise TaskDataError(
-                f"{where}: {what} row {i}: label {col[i].as_py()!r} is outside [0, {n}) "
-                f"(label names {list(info.label_names)})"
-            )
+        _check_range(col, col, info, where, what)
         return col.cast(pa.int64())
     raise TaskDataError(
         f"{where}: {what} must hold integer class indices, found type {t} (row 0 value {col[0].as_py()!r})"
@@ -352,3 +337,14 @@ def is_unlabelled(ds: datasets.Dataset, label_column: str) -> bool:
     unl = pc.or_kleene(pc.is_null(col), pc.equal(col, -1))
     return bool(pc.all(pc.fill_null(unl, True)).as_py())
 
+
+
+def _check_range(values, col, info: TaskInfo, where: str, what: str) -> None:
+    """TaskDataError naming the first row whose class index is outside [0, num_labels)."""
+    n = info.num_labels
+    i = _first(pc.or_(pc.less(values, 0), pc.greater_equal(values, n)))
+    if i >= 0:
+        raise TaskDataError(
+            f"{where}: {what} row {i}: label {col[i].as_py()!r} is outside [0, {n}) "
+            f"(label names {list(info.label_names)})"
+        )
