@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -88,6 +89,7 @@ def simulation_superlink(log_path: Path) -> Iterator[dict[str, str]]:
         yield env
     finally:
         stop_process_group(process)
+        shutil.rmtree(flwr_home, ignore_errors=True)  # the installed app copy and Flower's state
 
 
 def wait_healthy(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0,

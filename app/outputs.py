@@ -57,16 +57,16 @@ def read_metrics(directory: str | Path) -> list[dict[str, Any]]:
 
 
 def summary_table(records: Iterable[dict[str, Any]]) -> Table:
-    """Round-by-round table: contributors, their mean train loss, probe means, seconds."""
+    """Round-by-round table: contributors, skipped ones (failed or rejected), mean train loss, probe means, seconds."""
     table = Table(title="ColD Fusion: linear-probe score of the base after each round")
-    for column in ("round", "contributors", "failures", "train loss", "probe seen", "probe unseen", "seconds"):
+    for column in ("round", "contributors", "skipped", "train loss", "probe seen", "probe unseen", "seconds"):
         table.add_column(column, justify="right")
     for r in records:
         losses = list(r["train_loss"].values())
         table.add_row(
             str(r["round"]),
             str(len(r["contributors"])) if r["round"] else "(start)",
-            str(len(r["failures"])),
+            str(len(r["failures"]) + len(r.get("rejections", []))),
             f"{sum(losses) / len(losses):.3f}" if losses else "-",
             _pct(r["probe_contributing"]),
             _pct(r["probe_heldout"]),

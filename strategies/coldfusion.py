@@ -148,7 +148,10 @@ class ColdFusion(FedAvg):
     # ------------------------------------------------------------------ training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        contributing = sorted(n for n, t in self.nodes.items() if t.role == "contributing")
+        # Node ids are random per run: order candidates by task name so a seed picks the same tasks
+        # in every run (and in a resumed one).
+        contributing = sorted((n for n, t in self.nodes.items() if t.role == "contributing"),
+                              key=lambda n: (self.nodes[n].name, n))
         chosen = self.rng.sample(contributing, min(self.contributors_per_round, len(contributing)))
         self._base = arrays
         self._record = RoundRecord(server_round, contributors=[self.nodes[n].name for n in chosen])

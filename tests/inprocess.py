@@ -14,11 +14,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app, node_configs: list[dict], run_id: int = 1) -> None:
+    def __init__(self, client_app, node_configs: list[dict], run_id: int = 1, node_id_step: int = 1) -> None:
+        # node_id_step=-1 numbers the nodes the other way round, like a new run's random ids would
         self.client_app = client_app
         self.contexts = {
-            1000 + i: Context(run_id=run_id, node_id=1000 + i, node_config=dict(cfg), state=RecordDict(),
-                              run_config={})
+            5000 + node_id_step * i: Context(run_id=run_id, node_id=5000 + node_id_step * i, node_config=dict(cfg),
+                                             state=RecordDict(), run_config={})
             for i, cfg in enumerate(node_configs)
         }
         self.sent: list[Message] = []

@@ -43,8 +43,10 @@ def test_faulty_contributors_are_skipped_or_rejected_and_every_base_is_finite(tm
 
 def test_a_killed_run_resumes_to_the_same_final_body_as_an_uninterrupted_one(tmp_path, monkeypatch):
     monkeypatch.setenv("COLDFUSION_CACHE", str(tmp_path / "cache"))
-    # Heads re-initialised per round (seeded): a client keeps no state that a kill could lose.
-    settings = [*SMALL, "rounds=4", "client.head_policy=reinit"]
+    # Heads re-initialised per round (seeded): a client keeps no state that a kill could lose. Three of
+    # the six contributing tasks per round: the resumed run (new random node ids) must sample the same.
+    settings = ["experiment=tiny_sweep", "contributors_per_round=3", "client.max_steps=8", "rounds=4",
+                "client.head_policy=reinit"]
     status, reference = run_simulation(settings, output_root=tmp_path / "reference")
     assert status == "finished:completed"
 

@@ -24,8 +24,9 @@ def _configs(cfg):
     return train, evaluate
 
 
-def _run(cfg, pool, tiny_path, client=client_app, rounds=2, **kwargs):
-    grid = InProcessGrid(client, [{"partition-id": i, "num-partitions": len(pool)} for i in range(len(pool))])
+def _run(cfg, pool, tiny_path, client=client_app, rounds=2, node_id_step=1, **kwargs):
+    grid = InProcessGrid(client, [{"partition-id": i, "num-partitions": len(pool)} for i in range(len(pool))],
+                         node_id_step=node_id_step)
     records = []
     strategy = ColdFusion(pool=pool, contributors_per_round=4, seed=0, node_wait_timeout=5,
                           on_round=lambda record, arrays: records.append(record), **kwargs)
@@ -60,7 +61,8 @@ def test_rounds_sample_contributors_fuse_uniformly_and_evaluate_everyone(tiny_cf
 
 def test_sampling_is_seeded(tiny_cfg, small_pool, tiny_path):
     _, _, first, _, _ = _run(tiny_cfg, small_pool, tiny_path, rounds=1)
-    _, _, second, _, _ = _run(tiny_cfg, small_pool, tiny_path, rounds=1)
+    # a new run: other node ids, in another order; the seed must still pick the same tasks
+    _, _, second, _, _ = _run(tiny_cfg, small_pool, tiny_path, rounds=1, node_id_step=-1)
     assert first[1].contributors == second[1].contributors
 
 
