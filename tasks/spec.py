@@ -8,7 +8,6 @@ optional) and the columns ``text``, ``label`` and, for sentence-pair tasks, ``te
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -36,7 +35,3 @@ class TaskInfo:
         data = json.loads(text)
         data["label_names"] = tuple(data.get("label_names", ()))
         return cls(**data)
-
-    def fingerprint(self) -> str:
-        """Short digest used to detect two nodes claiming different definitions of one task."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
