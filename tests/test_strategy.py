@@ -119,3 +119,23 @@ def test_nodes_whose_model_does_not_fit_the_server_body_are_refused(tiny_cfg, sm
     stale = ColdFusion(pool=small_pool, query_config=query, body_signature="0123456789abcdef")
     with pytest.raises(FederationError, match=r"its model's body does not match the server's"):
         stale.discover(grid, timeout=60)
+
+
+def test_backtracking_rolls_back_a_round_that_hurts_the_monitored_score(tiny_cfg, small_pool, tiny_path):
+    from flwr.app import MetricRecord, RecordDict
+
+    def harmed(message, context):  # the base after round 1 scores 0 everywhere: a harmful round
+        if message.metadata.message_type == MessageType.EVALUATE and int(message.content["config"]["server-round"]):
+            metrics = MetricRecord({"score": 0.0, "num-examples": 1})
+            return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
+        return client_app(message, context)
+
+    grid, strategy, records, start, result = _run(tiny_cfg, small_pool, tiny_path, client=harmed, rounds=1,
+                                                  backtrack_threshold=0.05, backtrack_monitor="heldout")
+    assert records[1].fused and records[1].rolled_back and len(records[1].contributors) == 4
+    final, initial = result.arrays.to_torch_state_dict(), start.to_torch_state_dict()
+    assert all(torch.equal(final[k], initial[k]) for k in initial)
+    # without back-tracking the same round's fusion stands
+    _, _, records, _, result = _run(tiny_cfg, small_pool, tiny_path, client=harmed, rounds=1)
+    assert not records[1].rolled_back
+    assert any(not torch.equal(result.arrays.to_torch_state_dict()[k], initial[k]) for k in initial)
