@@ -172,9 +172,9 @@ def run_simulation(overrides: list[str], experiment: str = "", output_root: Path
     if cfg.tasks.get("data_root") and not Path(str(cfg.tasks.data_root)).is_absolute():
         # The ServerApp runs in the SuperLink's working directory: hand it the path meant here.
         overrides = [*overrides, f"tasks.data_root={Path(str(cfg.tasks.data_root)).resolve()}"]
+        cfg = compose_config(experiment, overrides)  # exactly what the ServerApp will compose
     if cfg.resume:  # fail here, with the differing keys named, rather than in the ServerApp
-        resume_checkpoint(cfg.resume, to_container(compose_config(experiment, overrides)),
-                          bool(cfg.resume_allow_config_change))
+        resume_checkpoint(cfg.resume, to_container(cfg), bool(cfg.resume_allow_config_change))
     pool = build_pool(to_container(cfg, "tasks"))
     num_nodes = int(cfg.federation.expected_nodes or len(pool))
     # Build (tiny) and check the model once, before the clients ask for it: a path that does not

@@ -1,6 +1,5 @@
 """Real Flower: `flwr run` against a private simulation SuperLink with 35 SuperNodes (Ray)."""
 
-import json
 
 import pytest
 from transformers import AutoModel

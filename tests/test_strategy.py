@@ -68,7 +68,6 @@ def test_sampling_is_seeded(tiny_cfg, small_pool, tiny_path):
 
 def _failing_client(names):
     def client(message, context):
-        from tasks.registry import load_task_cached
 
         if message.metadata.message_type == MessageType.TRAIN:
             task = json.loads(str(message.content["config"]["task-entry"]))["name"]
