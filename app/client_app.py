@@ -2,7 +2,8 @@
 
 * ``query``: tell the server which task this node holds (and its role, if the node config says).
 * ``train``: load the received body, attach this task's own head, finetune, reply with the body only.
-* ``evaluate``: linear-probe score of the received body on this task.
+* ``evaluate``: the scores of the received body on this task in the views the server asks for
+  (linear probe and/or full finetuning, ``app.evaluation``).
 
 Which task? In deployment the node config names it (``task=...`` and, for a local directory,
 ``data-dir=...``); in simulation ``partition-id`` i takes the i-th entry of the pool the server sends.
@@ -19,10 +20,18 @@ from functools import lru_cache
 from logging import WARNING
 from typing import Any, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
+from app.evaluation import VIEW_FUNCTIONS
 from app.faults import before_training, corrupt_body, fault_for
 from app.model import (
     body_signature,
@@ -36,11 +45,11 @@ from app.model import (
     pick_device,
     resolve_model,
 )
-from app.probe import extract_features, probe_score
 from app.site_state import SiteState
 from app.train import finetune
 from tasks.registry import entry_key, load_task_cached
 from tasks.spec import TaskDataError
+from tasks.splits import train_dev
 from tasks.tokenize import tokenize_task
 
 app = ClientApp()
@@ -99,8 +108,13 @@ def train(msg: Message, context: Context) -> Message:
     if keep_head:
         head_origin = heads.load_into(model)
     device = pick_device(_device(context, recipe["device"]))
-    stats = finetune(model, data["train"], tokenizer, recipe, derive_seed(seed, info.name, "train", server_round),
-                     device)
+    train_set, dev_set = data["train"], None
+    stopping = recipe.get("early_stopping")
+    if stopping:
+        train_set, dev_set = train_dev(data, float(stopping["dev_fraction"]), int(stopping["dev_max_examples"]),
+                                       split_seed(seed, info.name))
+    stats = finetune(model, train_set, tokenizer, recipe, derive_seed(seed, info.name, "train", server_round),
+                     device, dev_set, info.is_regression)
     if keep_head:
         heads.save(head_state(model))
     if heads.site is not None:
@@ -156,20 +170,24 @@ def _device(context: Context, server_choice: str) -> str:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    probe = json.loads(str(config["probe"]))
-    info, path, tokenizer, data = _prepare(config, int(config["max-length"]))
-    model = build_classifier(path, info.num_labels, 0)
-    load_body(model, msg.content["arrays"].to_torch_state_dict())
-    device = pick_device(_device(context, str(config["device"])))
-    splits = {
-        name: data[name].select(range(min(len(data[name]), int(probe[f"max_{name}_examples"]))))
-        for name in ("train", "test")
-    }
-    feats = {name: extract_features(model.base_model, split, tokenizer, probe["pooling"], int(probe["batch_size"]),
-                                    device) for name, split in splits.items()}
-    score = probe_score(feats["train"], feats["test"], info.is_regression, probe)
-    metrics = MetricRecord({"score": score, "num-examples": len(splits["test"])})
+    settings, recipe = json.loads(str(config["eval"])), json.loads(str(config["recipe"]))
+    info, path, tokenizer, data = _prepare(config, int(recipe["max_length"]))
+    seed = split_seed(int(config["seed"]), info.name)  # the same splits and fresh heads in every round
+    few_shot = settings.get("few_shot") if str(config["role"]) == "heldout" else None
+    body = msg.content["arrays"].to_torch_state_dict()
+    device = pick_device(_device(context, str(recipe["device"])))
+    metrics = MetricRecord({"num-examples": len(data["test"])})
+    for view in str(config["views"]).split(","):
+        model = build_classifier(path, info.num_labels, seed)
+        load_body(model, body)
+        scores = VIEW_FUNCTIONS[view](model, info, tokenizer, data, settings, recipe, seed, device, few_shot)
+        metrics.update({f"{view}.{name}": float(value) for name, value in scores.items()})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def split_seed(seed: int, task: str) -> int:
+    """Seed of a task's data draws (dev carve, caps, few-shot): contributor and evaluator agree on it."""
+    return derive_seed(seed, task, "splits", 0)
 
 
 def _prepare(config: ConfigRecord, max_length: int):

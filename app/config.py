@@ -14,7 +14,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -63,9 +63,12 @@ def validate_config(cfg: DictConfig) -> None:
     positive = lambda v: v > 0  # noqa: E731
     number = (int, float)
     _require(cfg, "seed", int)
-    _require(cfg, "rounds", int, positive, "must be >= 1")
-    k = _require(cfg, "contributors_per_round", int, positive, "must be >= 1")
-    _require(cfg, "min_contributions", int, lambda v: 1 <= v <= k, "must be between 1 and contributors_per_round")
+    _require(cfg, "rounds", int, lambda v: v >= 0, "must be >= 0 (0: evaluate the start model only)")
+    if cfg.contributors_per_round == "all":  # one-shot "Fused" baseline: rounds=1 contributors_per_round=all
+        _require(cfg, "min_contributions", int, positive, "must be >= 1")
+    else:
+        k = _require(cfg, "contributors_per_round", int, positive, "must be >= 1 or 'all'")
+        _require(cfg, "min_contributions", int, lambda v: 1 <= v <= k, "must be between 1 and contributors_per_round")
     if cfg.federation.expected_nodes is not None:
         _require(cfg, "federation.expected_nodes", int, positive, "must be >= 1 or null")
     _require(cfg, "federation.node_wait_timeout_s", number, positive, "must be > 0 seconds")
@@ -87,10 +90,8 @@ def validate_config(cfg: DictConfig) -> None:
     _require(cfg, "client.head_policy", str, lambda v: v in ("keep", "reinit"), "must be 'keep' or 'reinit'")
     _require(cfg, "client.head_scope", str, lambda v: v in ("run", "site"), "must be 'run' or 'site'")
     _require(cfg, "client.device", str, bool, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    _require(cfg, "eval.probe.every", int, positive, "must be >= 1")
-    _require(cfg, "eval.probe.pooling", str, lambda v: v in ("cls", "mean"), "must be 'cls' or 'mean'")
-    _require(cfg, "eval.probe.max_train_examples", int, positive, "must be >= 1")
-    _require(cfg, "eval.probe.max_test_examples", int, positive, "must be >= 1")
+    _check_early_stopping(cfg, "client.early_stopping")
+    _check_eval(cfg)
     for key in ("validation.max_update_norm", "validation.max_relative_norm", "backtrack.threshold"):
         if OmegaConf.select(cfg, key) is not None:
             _require(cfg, key, number, lambda v: v > 0, "must be > 0 or null")
@@ -107,6 +108,41 @@ def validate_config(cfg: DictConfig) -> None:
 
     _require(cfg, "fusion.operator", str, lambda v: v in FUSION_OPERATORS, f"must be one of {sorted(FUSION_OPERATORS)}")
     _require(cfg, "tasks.kind", str, lambda v: v in ("synthetic", "catalog"), "must be 'synthetic' or 'catalog'")
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    from strategies.schedule import VIEWS
+
+    positive = lambda v: v > 0  # noqa: E731
+    for view in VIEWS:
+        every = OmegaConf.select(cfg, f"eval.{view}.every")
+        if every is not None and every != "first_last":
+            _require(cfg, f"eval.{view}.every", int, positive, "must be k >= 1, 'first_last' or null")
+        for split in ("train", "test"):
+            if OmegaConf.select(cfg, f"eval.{view}.max_{split}_examples") is not None:
+                _require(cfg, f"eval.{view}.max_{split}_examples", int, positive, "must be >= 1 or null")
+    _require(cfg, "eval.probe.pooling", str, lambda v: v in ("cls", "mean"), "must be 'cls' or 'mean'")
+    _require(cfg, "eval.finetune.roles", (list, ListConfig),
+             lambda v: len(v) > 0 and set(v) <= {"contributing", "heldout"}, "must list 'contributing' and/or 'heldout'")
+    if cfg.eval.finetune.max_steps is None and cfg.eval.finetune.epochs is None:
+        raise ConfigError("config keys 'eval.finetune.max_steps' and 'eval.finetune.epochs' are both null: set a budget")
+    for key in ("eval.finetune.max_steps", "eval.few_shot"):
+        if OmegaConf.select(cfg, key) is not None:
+            _require(cfg, key, int, positive, "must be >= 1 or null")
+    if cfg.eval.finetune.epochs is not None:
+        _require(cfg, "eval.finetune.epochs", (int, float), positive, "must be > 0 or null")
+    _check_early_stopping(cfg, "eval.finetune.early_stopping")
+
+
+def _check_early_stopping(cfg: DictConfig, key: str) -> None:
+    """null, or the paper's rule: every_examples, patience_examples, min_gain, dev_fraction, dev_max_examples."""
+    if OmegaConf.select(cfg, key) is None:
+        return
+    _require(cfg, f"{key}.every_examples", int, lambda v: v > 0, "must be >= 1")
+    _require(cfg, f"{key}.patience_examples", int, lambda v: v > 0, "must be >= 1")
+    _require(cfg, f"{key}.min_gain", (int, float), lambda v: v >= 0, "must be >= 0")
+    _require(cfg, f"{key}.dev_fraction", float, lambda v: 0 < v < 1, "must be in (0, 1)")
+    _require(cfg, f"{key}.dev_max_examples", int, lambda v: v > 0, "must be >= 1")
 
 
 def to_container(cfg: DictConfig, key: str = "") -> dict:

@@ -46,6 +46,12 @@ class RunOutputs:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def write_json(self, name: str, value: Any) -> None:
+        """A small JSON side file, written atomically."""
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(value, indent=1))
+        os.replace(tmp, self.dir / name)
+
     @property
     def model_dir(self) -> Path:
         return self.dir / "model"
@@ -68,18 +74,19 @@ def summary_table(records: Iterable[dict[str, Any]]) -> Table:
             str(len(r["contributors"])) if r["round"] else "(start)",
             str(len(r["failures"]) + len(r.get("rejections", []))),
             f"{sum(losses) / len(losses):.3f}" if losses else "-",
-            _pct(r["probe_contributing"]),
-            _pct(r["probe_heldout"]),
+            pct(r["probe_contributing"]),
+            pct(r["probe_heldout"]),
             f"{r['seconds_train'] + r['seconds_eval']:.1f}",
         )
     return table
 
 
 def render_table(records: Iterable[dict[str, Any]], width: int = 110) -> str:
-    console = Console(width=width, record=True, file=open(os.devnull, "w"))
-    console.print(summary_table(records))
-    return console.export_text()
+    with open(os.devnull, "w") as sink:
+        console = Console(width=width, record=True, file=sink)
+        console.print(summary_table(records))
+        return console.export_text()
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"

@@ -11,12 +11,13 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
+
+from app.metrics import task_metrics
 
 
 @torch.inference_mode()
@@ -43,16 +44,15 @@ def extract_features(body, dataset, tokenizer, pooling: str, batch_size: int, de
 
 
 def probe_score(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                regression: bool, settings: Mapping[str, Any]) -> float:
-    """Test accuracy (classification) or Pearson r (regression) of a linear model on frozen features."""
+                regression: bool, settings: Mapping[str, Any]) -> dict[str, float]:
+    """Test metrics (``app.metrics``) of a linear model fitted on frozen training features."""
     (x_train, y_train), (x_test, y_test) = train, test
     if regression:
         model = make_pipeline(StandardScaler(), Ridge(alpha=float(settings.get("ridge_alpha", 1.0))))
-        model.fit(x_train, y_train)
-        return float(pearsonr(model.predict(x_test), y_test).statistic)
-    model = make_pipeline(
-        StandardScaler(),
-        LogisticRegression(C=float(settings.get("C", 1.0)), max_iter=int(settings.get("max_iter", 1000))),
-    )
+    else:
+        model = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(C=float(settings.get("C", 1.0)), max_iter=int(settings.get("max_iter", 1000))),
+        )
     model.fit(x_train, y_train)
-    return float((model.predict(x_test) == y_test).mean())
+    return task_metrics(model.predict(x_test), y_test, regression)

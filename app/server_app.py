@@ -20,8 +20,10 @@ from app.checkpoint import resume_checkpoint, save_checkpoint
 from app.config import compose_config, to_container
 from app.model import body_signature, initial_body, resolve_model, save_fused_model
 from app.outputs import RunOutputs, read_metrics, render_table
+from app.report import write_model_card, write_report
 from strategies.coldfusion import ColdFusion
-from tasks.registry import build_pool
+from strategies.schedule import VIEWS
+from tasks.registry import resolve_pool
 
 app = ServerApp()
 
@@ -33,14 +35,17 @@ def main(grid: Grid, context: Context) -> None:
     resolved = to_container(cfg, "")
     model_path = resolve_model(to_container(cfg, "model"))
     model_spec = json.dumps(to_container(cfg, "model"), sort_keys=True)
+    pool = resolve_pool(to_container(cfg, "tasks"))  # datasets that resolve nowhere are listed (or fail)
     strategy = ColdFusion(
-        pool=build_pool(to_container(cfg, "tasks")),
-        contributors_per_round=int(cfg.contributors_per_round),
+        pool=pool.entries,
+        contributors_per_round=None if cfg.contributors_per_round == "all" else int(cfg.contributors_per_round),
         min_contributions=int(cfg.min_contributions),
         seed=int(cfg.seed),
         expected_nodes=cfg.federation.expected_nodes,
         node_wait_timeout=float(cfg.federation.node_wait_timeout_s),
-        eval_every=int(cfg.eval.probe.every),
+        eval_schedule={view: cfg.eval[view].every for view in VIEWS},
+        finetune_roles=list(cfg.eval.finetune.roles),
+        few_shot=cfg.eval.few_shot,
         fusion=str(cfg.fusion.operator),
         max_update_norm=cfg.validation.max_update_norm,
         max_relative_norm=cfg.validation.max_relative_norm,
@@ -59,6 +64,7 @@ def main(grid: Grid, context: Context) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         outputs = RunOutputs.create(Path(str(run_config["output-dir"])) / f"{stamp}-run{context.run_id}", cfg)
         history, start_arrays, first_round = [], initial_body(model_path), 0
+    outputs.write_json("pool.json", {"missing": [asdict(m) for m in pool.missing]})
     strategy.body_signature = body_signature(start_arrays)
     log(INFO, "ColD Fusion run %s: outputs in %s", context.run_id, outputs.dir)
 
@@ -69,20 +75,33 @@ def main(grid: Grid, context: Context) -> None:
         outputs.append_round(record)
 
     strategy.on_round = finish_round
-    last_score = history[-1][f"probe_{cfg.backtrack.monitor}"] if history else None
-    common = {"model": model_spec, "seed": int(cfg.seed)}
+    monitored = [r[f"probe_{cfg.backtrack.monitor}"] for r in history if r[f"probe_{cfg.backtrack.monitor}"] is not None]
+    last_score = monitored[-1] if monitored else None
+    train_config, evaluate_config = round_configs(cfg, model_spec)
     result = strategy.start(
         grid,
         initial_arrays=ArrayRecord(start_arrays),
         num_rounds=int(cfg.rounds),
         timeout=float(cfg.federation.round_timeout_s),
-        train_config=ConfigRecord({**common, "recipe": json.dumps(to_container(cfg, "client")),
-                                   "faults": json.dumps(to_container(cfg, "faults"))}),
-        evaluate_config=ConfigRecord({**common, "probe": json.dumps(to_container(cfg, "eval.probe")),
-                                      "max-length": int(cfg.client.max_length), "device": str(cfg.client.device)}),
+        train_config=train_config,
+        evaluate_config=evaluate_config,
         first_round=first_round,
         last_score=last_score,
     )
     save_fused_model(model_path, result.arrays.to_torch_state_dict(), outputs.model_dir)
-    log(INFO, "\n%s", render_table(read_metrics(outputs.dir)))
-    log(INFO, "Fused model saved to %s (AutoModel.from_pretrained loads it)", outputs.model_dir)
+    records = read_metrics(outputs.dir)
+    write_model_card(outputs.model_dir, resolved, records, [asdict(m) for m in pool.missing])
+    report = write_report(outputs.dir)
+    log(INFO, "\n%s", render_table(records))
+    log(INFO, "Fused model saved to %s (AutoModel.from_pretrained loads it; README.md is its model card)",
+        outputs.model_dir)
+    log(INFO, "Report: %s", report)
+
+
+def round_configs(cfg, model_spec: str) -> tuple[ConfigRecord, ConfigRecord]:
+    """What every train and evaluate message carries besides the body (node-specific keys are added
+    by the strategy): the model spec, the seed, the contributor recipe, the evaluation settings."""
+    common = {"model": model_spec, "seed": int(cfg.seed), "recipe": json.dumps(to_container(cfg, "client"))}
+    train = ConfigRecord({**common, "faults": json.dumps(to_container(cfg, "faults"))})
+    evaluate = ConfigRecord({**common, "eval": json.dumps(to_container(cfg, "eval"))})
+    return train, evaluate

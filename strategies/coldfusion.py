@@ -3,7 +3,9 @@
 Each round: K contributors (sampled with a seeded RNG among the nodes holding contributing tasks)
 receive the current body, finetune body + their own head, and send back the body; the strategy fuses
 the valid bodies with a uniform mean (``strategies.fusion.uniform_mean``) into the next base. Then
-every node, contributing or held out, reports the linear-probe score of the new base on its task.
+the nodes score the new base on their tasks in the evaluation views that are due this round (linear
+probe and full finetuning, each on its own schedule; ``app.evaluation``): contributing ("seen") and
+held-out ("unseen") tasks alike.
 
 Node ids are random, so the strategy first asks every node which task it holds (a ``query`` message).
 """
@@ -19,12 +21,21 @@ from logging import INFO, WARNING
 from statistics import mean
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from app.metrics import primary
 from strategies.fusion import get_operator
+from strategies.schedule import VIEWS, due
 from strategies.validation import Contribution, assert_finite, screen
 from tasks.spec import TaskInfo
 
@@ -55,9 +66,17 @@ class RoundRecord:
     update_norms: dict[str, float] = field(default_factory=dict)  # L2 norm of each well-formed update
     fused: bool = False
     rolled_back: bool = False  # back-tracking undid this round's fusion
+    roles: dict[str, str] = field(default_factory=dict)  # task -> contributing ("seen") | heldout ("unseen")
+    # Per view: each task's primary score (accuracy, Pearson r for regression) and the means over the
+    # classification tasks of each role (regression is left out of the means, as in the paper).
     probe: dict[str, float] = field(default_factory=dict)
     probe_contributing: float | None = None
     probe_heldout: float | None = None
+    finetune: dict[str, float] = field(default_factory=dict)
+    finetune_contributing: float | None = None
+    finetune_heldout: float | None = None
+    scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # view -> task -> every metric
+    few_shot: int | None = None  # held-out tasks trained on this many examples in the views
     seconds_train: float = 0.0
     seconds_eval: float = 0.0
 
@@ -69,12 +88,14 @@ class ColdFusion(FedAvg):
         self,
         *,
         pool: list[dict[str, Any]],
-        contributors_per_round: int = 8,
+        contributors_per_round: int | None = 8,  # None: every contributing task, every round
         min_contributions: int = 1,
         seed: int = 0,
         expected_nodes: int | None = None,
         node_wait_timeout: float = 120.0,
-        eval_every: int = 1,
+        eval_schedule: dict[str, int | str | None] | None = None,
+        finetune_roles: Iterable[str] = ("contributing", "heldout"),
+        few_shot: int | None = None,
         fusion: str = "uniform_mean",
         max_update_norm: float | None = None,
         max_relative_norm: float | None = None,
@@ -85,13 +106,16 @@ class ColdFusion(FedAvg):
         on_round: Callable[[RoundRecord, ArrayRecord], None] | None = None,
     ) -> None:
         expected = expected_nodes or len(pool)
-        super().__init__(min_available_nodes=expected, min_train_nodes=contributors_per_round)
+        super().__init__(min_available_nodes=expected, min_train_nodes=contributors_per_round or 1)
         self.pool = pool
         self.contributors_per_round = contributors_per_round
         self.min_contributions = min_contributions
         self.expected_nodes = expected
         self.node_wait_timeout = node_wait_timeout
-        self.eval_every = eval_every
+        self.eval_schedule = {"probe": 1, "finetune": None, **(eval_schedule or {})}  # view -> `every` (app.evaluation.due)
+        self.finetune_roles = set(finetune_roles)
+        self.few_shot = few_shot
+        self._views: list[str] = []  # the views due in the round being evaluated
         self.on_round = on_round
         self.fuse = get_operator(fusion)
         self.max_update_norm = max_update_norm
@@ -106,8 +130,8 @@ class ColdFusion(FedAvg):
         self._record = RoundRecord(0)
 
     def summary(self) -> None:
-        log(INFO, "\t├──> ColD Fusion: %d contributors/round, uniform mean, min %d valid",
-            self.contributors_per_round, self.min_contributions)
+        log(INFO, "\t├──> ColD Fusion: %s contributors/round, uniform mean, min %d valid",
+            self.contributors_per_round or "all", self.min_contributions)
         log(INFO, "\t└──> waiting for %d nodes (timeout %.0fs)", self.expected_nodes, self.node_wait_timeout)
 
     # ------------------------------------------------------------------ discovery
@@ -152,7 +176,7 @@ class ColdFusion(FedAvg):
         # in every run (and in a resumed one).
         contributing = sorted((n for n, t in self.nodes.items() if t.role == "contributing"),
                               key=lambda n: (self.nodes[n].name, n))
-        chosen = self.rng.sample(contributing, min(self.contributors_per_round, len(contributing)))
+        chosen = self.rng.sample(contributing, min(self.contributors_per_round or len(contributing), len(contributing)))
         self._base = arrays
         self._record = RoundRecord(server_round, contributors=[self.nodes[n].name for n in chosen])
         log(INFO, "Round %d contributors: %s", server_round, ", ".join(self._record.contributors))
@@ -210,26 +234,43 @@ class ColdFusion(FedAvg):
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self._messages(sorted(self.nodes), arrays, config, server_round, MessageType.EVALUATE)
+        """Every node gets the probe view when due; the finetune view goes to the roles it covers."""
+        messages = []
+        for node_id in sorted(self.nodes):
+            node = self.nodes[node_id]
+            views = [v for v in self._views if v != "finetune" or node.role in self.finetune_roles]
+            if views:
+                extra = {"views": ",".join(views), "role": node.role}
+                messages += self._messages([node_id], arrays, ConfigRecord({**dict(config), **extra}),
+                                           server_round, MessageType.EVALUATE)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        scores: dict[str, list[float]] = {}
+        record = self._record
+        by_view: dict[str, dict[str, dict[str, float]]] = {}  # view -> task -> metric -> value
         for reply in replies:
             node = self.nodes[reply.metadata.src_node_id]
             if reply.has_error():
-                log(WARNING, "Round %d: evaluation failed on %s: %s", server_round, node.name, reply.error.reason)
+                log(WARNING, "Round %d: evaluation failed on %s: %s", server_round, node.name,
+                    _first_line(reply.error.reason))
                 continue
-            scores.setdefault(node.name, []).append(float(reply.content["metrics"]["score"]))
-        per_task = {name: mean(values) for name, values in sorted(scores.items())}
-        role_of = {n.name: n.role for n in self.nodes.values()}
-        means = {}
-        for role in ("contributing", "heldout"):
-            values = [s for name, s in per_task.items() if role_of[name] == role]
-            means[role] = mean(values) if values else None
-        self._record.probe = per_task
-        self._record.probe_contributing = means["contributing"]
-        self._record.probe_heldout = means["heldout"]
-        return MetricRecord({f"probe-{k}": v for k, v in means.items() if v is not None})
+            for key, value in reply.content["metrics"].items():
+                view, _, metric = key.partition(".")
+                if view in VIEWS:
+                    by_view.setdefault(view, {}).setdefault(node.name, {})[metric] = float(value)
+        regression = {n.name for n in self.nodes.values() if n.info.is_regression}
+        summary = {}
+        for view, tasks in by_view.items():
+            record.scores[view] = dict(sorted(tasks.items()))
+            per_task = {name: primary(metrics) for name, metrics in record.scores[view].items()}
+            setattr(record, view, per_task)
+            for role in ("contributing", "heldout"):
+                values = [score for name, score in per_task.items()
+                          if record.roles[name] == role and name not in regression]
+                setattr(record, f"{view}_{role}", mean(values) if values else None)
+                if values:
+                    summary[f"{view}-{role}"] = mean(values)
+        return MetricRecord(summary)
 
     def _messages(self, node_ids: list[int], arrays: ArrayRecord, config: ConfigRecord, server_round: int,
                   message_type: str) -> list[Message]:
@@ -272,7 +313,10 @@ class ColdFusion(FedAvg):
                     result.train_metrics_clientapp[server_round] = train_metrics
             record = self._record
             record.seconds_train = time.perf_counter() - t0
-            if server_round % self.eval_every == 0 or server_round in (0, num_rounds):
+            record.roles = {n.name: n.role for n in sorted(self.nodes.values(), key=lambda n: n.name)}
+            record.few_shot = self.few_shot
+            self._views = [v for v in VIEWS if due(self.eval_schedule.get(v), server_round, num_rounds)]
+            if self._views:
                 t1 = time.perf_counter()
                 replies = grid.send_and_receive(
                     self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeout)
@@ -288,9 +332,9 @@ class ColdFusion(FedAvg):
                         server_round, self.backtrack_monitor, last_score, score, ", ".join(record.contributors))
                 elif score is not None:
                     last_score = score
-            log(INFO, "Round %d/%d done in %.1fs: probe contributing=%s heldout=%s", server_round, num_rounds,
-                record.seconds_train + record.seconds_eval, _fmt(record.probe_contributing),
-                _fmt(record.probe_heldout))
+            log(INFO, "Round %d/%d done in %.1fs: probe seen=%s unseen=%s, finetune seen=%s unseen=%s",
+                server_round, num_rounds, record.seconds_train + record.seconds_eval,
+                *(_fmt(getattr(record, f"{v}_{r}")) for v in VIEWS for r in ("contributing", "heldout")))
             if self.on_round is not None:
                 self.on_round(record, arrays)
         result.arrays = arrays

@@ -9,6 +9,10 @@ becomes ``test``. With the default split mapping, a hub split whose labels are a
 hidden test labels of GLUE-style sets) counts as absent, so e.g. ``glue/sst2`` is evaluated on
 its validation split. An explicit ``splits`` mapping is taken literally.
 
+Multi-field datasets (COPA, WiC, WSC, MultiRC, ...) take ``format=<name>``: the named formatter of
+:mod:`tasks.formatting` builds ``text`` (and ``text_pair``) from the raw fields of each example
+(``Dataset.map``) before the column mapping, so the hub copy gives the same inputs as the local one.
+
 Label names come from the label column's ``ClassLabel`` feature, or from ``label_names``.
 Without network access (or with ``HF_HUB_OFFLINE=1`` and nothing cached) loading fails with a
 :class:`TaskDataError` that suggests a local task directory (:mod:`tasks.local`) instead.
@@ -22,10 +26,11 @@ from pathlib import Path
 
 import datasets
 
+from tasks.formatting import Formatter, get_formatter
 from tasks.spec import TaskDataError, TaskInfo
 from tasks.validate import SPLITS, assemble, is_unlabelled, make_info, normalise_split
 
-__all__ = ["load_hub_task", "DEFAULT_SPLITS"]
+__all__ = ["DEFAULT_SPLITS", "load_hub_task"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,19 @@ DEFAULT_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 def _default_name(path: str, config: str | None) -> str:
     base = Path(path.rstrip("/")).name or path
     return f"{base}_{config}" if config else base
+
+
+def _apply_format(ds: datasets.Dataset, formatter: Formatter, where: str) -> datasets.Dataset:
+    """``ds`` with the formatter's ``text`` / ``text_pair`` columns (overwriting raw ones of that name)."""
+    absent = [f for f in formatter.fields if f not in ds.column_names]
+    if absent:
+        raise TaskDataError(
+            f"{where}: format {formatter.name!r} needs the raw field(s) {absent}; the split has columns {ds.column_names}"
+        )
+    try:
+        return ds.map(formatter.fn, desc=f"format {formatter.name}")
+    except TaskDataError as e:
+        raise TaskDataError(f"{where}: {e}") from None
 
 
 def load_hub_task(
@@ -50,6 +68,7 @@ def load_hub_task(
     regression: bool = False,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
+    format: str | None = None,
 ) -> tuple[TaskInfo, datasets.DatasetDict]:
     """Load ``datasets.load_dataset(path, config)`` as a task.
 
@@ -57,9 +76,16 @@ def load_hub_task(
     default those of ``train``/``validation``/``test`` that exist. The task is sentence-pair iff
     ``text_pair_column`` is given. ``name`` defaults to the last part of ``path``, plus
     ``_<config>``. ``revision`` pins the hub revision (advisable when several nodes must see the
-    same data). Raises :class:`TaskDataError` on any problem.
+    same data). ``format`` names a formatter of :mod:`tasks.formatting`; it writes ``text`` (and,
+    for a pair formatter, ``text_pair``) from the raw fields of the chosen splits, and those
+    columns are used (``text_column`` / ``text_pair_column`` are then ignored). Raises
+    :class:`TaskDataError` on any problem.
     """
     source = f"hub dataset {path!r}" + (f" (config {config!r})" if config else "")
+    formatter = get_formatter(format) if format is not None else None
+    if formatter is not None:
+        text_column = "text"
+        text_pair_column = "text_pair" if formatter.pair else None
     explicit = splits is not None
     mapping = dict(splits) if explicit else dict(DEFAULT_SPLITS)
     bad = sorted(set(mapping) - set(SPLITS))
@@ -97,6 +123,11 @@ def load_hub_task(
             if is_unlabelled(raw[chosen[ours]], label_column):
                 log.warning("%s: split %r has no labels (all -1); not used", source, chosen[ours])
                 del chosen[ours]
+
+    if formatter is not None:
+        raw = datasets.DatasetDict(
+            {theirs: _apply_format(raw[theirs], formatter, f"{source} split {theirs!r}") for theirs in chosen.values()}
+        )
 
     train = raw[chosen["train"]]
     if label_column not in train.column_names:

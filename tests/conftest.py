@@ -23,7 +23,9 @@ def tiny_cfg(cache_dir):
 
     return compose_config("quick", [f"model.cache_dir={cache_dir}", "client.max_steps=5",
                                     "tasks.train_size=200", "tasks.test_size=100",
-                                    "eval.probe.max_train_examples=150", "eval.probe.max_test_examples=100"])
+                                    "eval.probe.max_train_examples=150", "eval.probe.max_test_examples=100",
+                                    "eval.finetune.max_steps=5", "eval.finetune.max_train_examples=150",
+                                    "eval.finetune.max_test_examples=100"])
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +56,13 @@ def model_json(cfg) -> str:
     from app.config import to_container
 
     return json.dumps(to_container(cfg, "model"), sort_keys=True)
+
+
+@pytest.fixture()
+def node(pool):
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 0
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": len(pool)},
+                   state=RecordDict(), run_config={})

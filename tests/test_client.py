@@ -4,23 +4,22 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    RecordDict,
+)
 
 from app.client_app import app as client_app
 from app.client_app import node_task_entry
 from app.config import to_container
 from app.model import build_classifier, initial_body
+from app.server_app import round_configs
 from tasks.registry import entry_key, load_task_cached
 from tasks.spec import TaskDataError
 from tests.conftest import model_json
-
-
-@pytest.fixture()
-def node(pool):
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 0
-    return Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": len(pool)},
-                   state=RecordDict(), run_config={})
 
 
 def _train_message(cfg, pool, body, server_round, **recipe_overrides):
@@ -75,16 +74,22 @@ def test_reinit_policy_starts_each_round_from_a_fresh_head(tiny_cfg, tiny_path, 
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_evaluate_reports_a_probe_score(tiny_cfg, tiny_path, pool, node):
-    config = ConfigRecord({"model": model_json(tiny_cfg), "seed": 0, "task-entry": entry_key(pool[2]),
-                           "server-round": 0, "probe": json.dumps(to_container(tiny_cfg, "eval.probe")),
-                           "max-length": 64, "device": "cpu"})
-    msg = Message(content=RecordDict({"arrays": ArrayRecord(initial_body(tiny_path)), "config": config}),
-                  message_type=MessageType.EVALUATE, dst_node_id=7)
-    reply = client_app(msg, node)
+def _evaluate_message(cfg, path, entry, views: str, role: str = "contributing") -> Message:
+    _, evaluate = round_configs(cfg, model_json(cfg))
+    config = ConfigRecord({**dict(evaluate), "task-entry": entry_key(entry), "server-round": 0, "views": views,
+                           "role": role})
+    return Message(content=RecordDict({"arrays": ArrayRecord(initial_body(path)), "config": config}),
+                   message_type=MessageType.EVALUATE, dst_node_id=7)
+
+
+def test_evaluate_reports_both_views(tiny_cfg, tiny_path, pool, node):
+    reply = client_app(_evaluate_message(tiny_cfg, tiny_path, pool[2], "probe,finetune"), node)
     assert not reply.has_error(), reply.error
-    assert 0.0 <= reply.content["metrics"]["score"] <= 1.0
-    assert reply.content["metrics"]["num-examples"] == 100
+    metrics = reply.content["metrics"]
+    for view in ("probe", "finetune"):
+        assert 0.0 <= metrics[f"{view}.accuracy"] <= 1.0 and 0.0 <= metrics[f"{view}.macro_f1"] <= 1.0
+    assert metrics["finetune.steps"] == tiny_cfg.eval.finetune.max_steps
+    assert metrics["num-examples"] == 100
 
 
 def test_node_task_entry_from_node_config(pool, tmp_path):

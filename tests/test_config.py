@@ -22,7 +22,12 @@ def test_overrides_and_experiments_change_conf():
 @pytest.mark.parametrize("override, message", [
     ("no_such_key=1", "Could not override 'no_such_key'"),
     ("rounds=abc", "config key 'rounds' must be int, got 'abc'"),
-    ("rounds=0", "config key 'rounds' has invalid value 0"),
+    ("rounds=-1", "config key 'rounds' has invalid value -1"),
+    ("eval.finetune.every=0", "'eval.finetune.every' has invalid value 0: must be k >= 1, 'first_last' or null"),
+    ("eval.finetune.roles=[seen]", "'eval.finetune.roles' has invalid value"),
+    ("eval.few_shot=0", "'eval.few_shot' has invalid value 0"),
+    ("eval.finetune.max_steps=null", "'eval.finetune.max_steps' and 'eval.finetune.epochs' are both null"),
+    ("client=paper client.early_stopping.dev_fraction=1.5", "'client.early_stopping.dev_fraction' has invalid value 1.5"),
     ("client.head_policy=sometimes", "'client.head_policy' has invalid value 'sometimes'"),
     ("client.lr=-1", "'client.lr' has invalid value -1"),
     ("model=gpt7", "Could not find 'model/gpt7'"),

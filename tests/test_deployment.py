@@ -7,14 +7,27 @@ import subprocess
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from app.client_app import app as client_app
 from app.config import to_container
 from app.model import initial_body
 from app.site_state import SiteState, SiteStateError, safe_name
-from deploy.tooling import make_ca, make_server_cert, node_config_string, san_entries, write_local_dataset
+from deploy.tooling import (
+    make_ca,
+    make_server_cert,
+    node_config_string,
+    san_entries,
+    write_local_dataset,
+)
 from tests.conftest import model_json
 
 SYNTHETIC = "syn00_sentiment"
@@ -94,8 +107,8 @@ def _messages(cfg, body, entry: str, server_round: int, head_scope: str = "run")
     train = Message(content=RecordDict({"arrays": ArrayRecord(body), "config": ConfigRecord(
         {**common, "recipe": json.dumps(recipe)})}), message_type=MessageType.TRAIN, dst_node_id=7)
     evaluate = Message(content=RecordDict({"arrays": ArrayRecord(body), "config": ConfigRecord(
-        {**common, "probe": json.dumps(to_container(cfg, "eval.probe")), "max-length": 64, "device": "cpu"})}),
-        message_type=MessageType.EVALUATE, dst_node_id=7)
+        {**common, "recipe": json.dumps(recipe), "eval": json.dumps(to_container(cfg, "eval")), "views": "probe",
+         "role": "contributing"})}), message_type=MessageType.EVALUATE, dst_node_id=7)
     return train, evaluate
 
 
@@ -241,7 +254,13 @@ def test_the_server_refuses_conflicting_definitions_of_a_task(deployment, capsys
     """A fourth site claims site1's task name with other labels: the run stops at discovery, naming it."""
     from app.launch import free_port
     from deploy.rehearsal import run, small_overrides
-    from deploy.tooling import make_site_key, register_site, site_env, supernode_command, wait_for_log
+    from deploy.tooling import (
+        make_site_key,
+        register_site,
+        site_env,
+        supernode_command,
+        wait_for_log,
+    )
 
     site1 = deployment["layout"]["sites"]["site1"]
     data = write_local_dataset(tmp_path / "data", "syn01_topic", name=site1["task"], train_size=50, test_size=20)
@@ -265,8 +284,8 @@ def test_the_server_refuses_conflicting_definitions_of_a_task(deployment, capsys
 
 @pytest.mark.slow
 def test_a_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
-    from deploy.tooling import make_site_key, site_env, supernode_command
     from app.launch import free_port
+    from deploy.tooling import make_site_key, site_env, supernode_command
 
     key, _pub = make_site_key(tmp_path / "intruder")
     command = supernode_command(deployment["address"], deployment["layout"]["pki"] / "ca.crt", key, free_port(),

@@ -4,12 +4,18 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType
+from flwr.app import ArrayRecord, Error, Message, MessageType
 
 from app.client_app import app as client_app
-from app.config import to_container
 from app.model import initial_body
-from strategies.coldfusion import ColdFusion, FederationError, NodeTask, check_consistent_tasks, wait_for_nodes
+from app.server_app import round_configs
+from strategies.coldfusion import (
+    ColdFusion,
+    FederationError,
+    NodeTask,
+    check_consistent_tasks,
+    wait_for_nodes,
+)
 from strategies.fusion import uniform_mean
 from tasks.spec import TaskInfo
 from tests.conftest import model_json
@@ -17,11 +23,7 @@ from tests.inprocess import InProcessGrid
 
 
 def _configs(cfg):
-    common = {"model": model_json(cfg), "seed": 0}
-    train = ConfigRecord({**common, "recipe": json.dumps(to_container(cfg, "client"))})
-    evaluate = ConfigRecord({**common, "probe": json.dumps(to_container(cfg, "eval.probe")),
-                             "max-length": int(cfg.client.max_length), "device": "cpu"})
-    return train, evaluate
+    return round_configs(cfg, model_json(cfg))
 
 
 def _run(cfg, pool, tiny_path, client=client_app, rounds=2, node_id_step=1, **kwargs):
@@ -125,7 +127,7 @@ def test_backtracking_rolls_back_a_round_that_hurts_the_monitored_score(tiny_cfg
 
     def harmed(message, context):  # the base after round 1 scores 0 everywhere: a harmful round
         if message.metadata.message_type == MessageType.EVALUATE and int(message.content["config"]["server-round"]):
-            metrics = MetricRecord({"score": 0.0, "num-examples": 1})
+            metrics = MetricRecord({"probe.accuracy": 0.0, "probe.macro_f1": 0.0, "num-examples": 1})
             return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
         return client_app(message, context)
 

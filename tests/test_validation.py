@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from strategies.fusion import uniform_mean
-from strategies.validation import Contribution, assert_finite, screen, structural_problem, update_norm
+from strategies.validation import (
+    Contribution,
+    assert_finite,
+    screen,
+    structural_problem,
+    update_norm,
+)
 
 
 def _base():

@@ -1,0 +1,89 @@
+"""The real-data benchmark: ColD Fusion with MiniLM on ../shared/data, its two baselines, one report.
+
+    .venv/bin/python benchmarks/realdata.py [--no-baselines] [--results DIR] [hydra overrides...]
+
+1. ColD Fusion: ``coldfusion-sim experiment=realdata`` (both views at round 0 = the start model).
+2. "Fused" (one-shot): the same with ``rounds=1 contributors_per_round=all``: every contributing dataset
+   finetunes once from the start model, the bodies are averaged once.
+3. Centralised multitask: ``coldfusion-multitask`` (one process, a head per dataset, the ColD Fusion
+   run's total step budget), then ``rounds=0`` evaluates its body with the same harness and splits.
+
+All three are evaluated on the same pool, splits and views. The report (``app.report``: per-task and
+per-round tables, plots, verdicts) and ``run.md`` (commands, wall times) go to ``--results``
+(default ``benchmarks/results/realdata``); the runs themselves stay under ``outputs/benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from app.launch import run_simulation  # noqa: E402
+from app.multitask import main as multitask_main  # noqa: E402
+from app.report import write_report  # noqa: E402
+
+EXPERIMENT = "realdata"
+
+
+def timed(label: str, log: list[str], command: str, fn):
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    log.append(f"| {label} | `{command}` | {seconds / 60:.1f} min |")
+    print(f"{label}: {seconds:.0f} s")
+    return result
+
+
+def simulate(overrides: list[str], out_root: Path) -> Path:
+    status, run_dir = run_simulation(overrides, EXPERIMENT, out_root)
+    if status != "finished:completed" or run_dir is None:
+        raise SystemExit(f"simulation {overrides} ended with status {status!r}")
+    return run_dir
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-baselines", action="store_true", help="run ColD Fusion only")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / EXPERIMENT)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    out_root = REPO / "outputs" / "benchmarks" / f"{EXPERIMENT}-{time.strftime('%Y%m%d-%H%M%S')}"
+    extra = " ".join(args.overrides)
+    log = ["| step | command | wall time |", "|---|---|---|"]
+    cold = timed("ColD Fusion", log, f"coldfusion-sim experiment={EXPERIMENT} {extra}".strip(),
+                 lambda: simulate(args.overrides, out_root))
+    baselines = {}
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_report(cold, out_dir=args.results)  # a first report, in case a baseline fails
+    if not args.no_baselines:
+        fused_overrides = [*args.overrides, "rounds=1", "contributors_per_round=all"]
+        baselines["fused"] = timed("Fused (one-shot)", log, f"coldfusion-sim experiment={EXPERIMENT} "
+                                   f"{' '.join(fused_overrides)}", lambda: simulate(fused_overrides, out_root))
+        body = out_root / "multitask-body"
+        train = [f"--out={body}", f"experiment={EXPERIMENT}", *args.overrides]
+        if timed("multitask: training", log, f"coldfusion-multitask {' '.join(train)}",
+                 lambda: multitask_main(train)) != 0:
+            raise SystemExit("multitask training failed")
+        evaluate = [*args.overrides, "rounds=0", f"model.name_or_path={body}"]
+        baselines["multitask"] = timed("multitask: evaluation", log, f"coldfusion-sim experiment={EXPERIMENT} "
+                                       f"{' '.join(evaluate)}", lambda: simulate(evaluate, out_root))
+    report = write_report(cold, baselines=baselines, out_dir=args.results)
+    shutil.copy(cold / "config.yaml", args.results / "config.yaml")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    command = f".venv/bin/python benchmarks/realdata.py {extra}".strip()
+    (args.results / "run.md").write_text(
+        f"# How this report was made\n\n`{command}`\n\n"
+        f"at commit {commit}, on {time.strftime('%Y-%m-%d')}, 2 CPU cores, no GPU. Steps:\n\n" + "\n".join(log) + "\n")
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Per-run report, plots and model card, on a small hand-made run directory (no Flower, no model)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from app.report import PNG_MAGIC, main, write_model_card, write_report
+
+ROLES = {"sst2": "contributing", "stsb": "contributing", "rte": "heldout", "wnli": "heldout"}
+REGRESSION = {"stsb"}
+# Primary scores per round (probe every round; finetune at rounds 0 and 2 only, its own sparser schedule).
+PROBE = {0: {"sst2": 0.60, "stsb": 0.30, "rte": 0.50, "wnli": 0.40},
+         1: {"sst2": 0.70, "stsb": 0.35, "rte": 0.52, "wnli": 0.44},
+         2: {"sst2": 0.75, "stsb": 0.40, "rte": 0.55, "wnli": 0.47}}
+FINETUNE = {0: {"sst2": 0.80, "stsb": 0.70, "rte": 0.60, "wnli": 0.50},
+            2: {"sst2": 0.82, "stsb": 0.75, "rte": 0.58, "wnli": 0.49}}
+
+
+def _mean(scores: dict[str, float], role: str) -> float | None:
+    """The server's rule: classification tasks of the role only."""
+    values = [v for t, v in scores.items() if ROLES[t] == role and t not in REGRESSION]
+    return sum(values) / len(values) if values else None
+
+
+def _scores(primary: dict[str, float], finetune: bool) -> dict[str, dict[str, float]]:
+    out = {}
+    for task, value in primary.items():
+        metrics = ({"pearson": value, "spearman": value - 0.01} if task in REGRESSION
+                   else {"accuracy": value, "macro_f1": value - 0.02})
+        if finetune:
+            metrics |= {"steps": 30, "train_examples": 200, "stopped_early": 0}
+        out[task] = metrics
+    return out
+
+
+def _record(n: int, probe: dict, finetune: dict, contributors: list[str], few_shot: int | None = None) -> dict:
+    return {
+        "round": n, "contributors": contributors,
+        "train_loss": {t: 0.5 for t in contributors}, "train_examples": {t: 200 for t in contributors},
+        "failures": [], "rejections": [], "update_norms": {t: 1.0 for t in contributors},
+        "fused": bool(contributors), "rolled_back": False, "roles": ROLES,
+        "probe": probe, "probe_contributing": _mean(probe, "contributing") if probe else None,
+        "probe_heldout": _mean(probe, "heldout") if probe else None,
+        "finetune": finetune, "finetune_contributing": _mean(finetune, "contributing") if finetune else None,
+        "finetune_heldout": _mean(finetune, "heldout") if finetune else None,
+        "scores": {"probe": _scores(probe, False), "finetune": _scores(finetune, True)},
+        "few_shot": few_shot, "seconds_train": 1.0, "seconds_eval": 2.0,
+    }
+
+
+def _write_run(path: Path, records: list[dict], name_or_path: str = "FacebookAI/roberta-base",
+               missing: list | None = None) -> Path:
+    path.mkdir(parents=True)
+    cfg = OmegaConf.create({
+        "model": {"name_or_path": name_or_path},
+        "rounds": 2, "contributors_per_round": 2, "seed": 0,
+        "client": {"lr": 5e-5, "batch_size": 16, "max_steps": 60, "epochs": None, "head_policy": "reinit"},
+        "eval": {"probe": {"every": 1, "pooling": "mean"}, "finetune": {"every": 2, "max_steps": 30}},
+        "tasks": {"kind": "catalog", "contributing": ["sst2", "stsb"], "heldout": ["rte", "wnli"]},
+    })
+    OmegaConf.save(cfg, path / "config.yaml")
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if missing is not None:
+        (path / "pool.json").write_text(json.dumps({"missing": missing}))
+    (path / "model").mkdir()
+    return path
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    records = [_record(0, PROBE[0], FINETUNE[0], []), _record(1, PROBE[1], {}, ["sst2", "stsb"]),
+               _record(2, PROBE[2], FINETUNE[2], ["stsb", "sst2"])]
+    missing = [{"name": "mnli", "role": "contributing", "reason": "not found under data_root"}]
+    return _write_run(tmp_path / "run", records, missing=missing)
+
+
+@pytest.fixture
+def baseline_dir(tmp_path) -> Path:
+    """A multitask model evaluated with rounds=0: its scores are its round 0."""
+    probe = {"sst2": 0.72, "stsb": 0.38, "rte": 0.49, "wnli": 0.45}
+    finetune = {"sst2": 0.81, "stsb": 0.74, "rte": 0.59, "wnli": 0.52}
+    return _write_run(tmp_path / "multitask", [_record(0, probe, finetune, [], few_shot=100)])
+
+
+def _row(markdown: str, first_cell: str) -> list[str]:
+    """Cells of every table row starting with ``first_cell`` (one per view)."""
+    rows = [line for line in markdown.splitlines() if line.startswith(f"| {first_cell} |")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in rows]
+
+
+def test_csv_has_every_metric_in_long_format(run_dir, baseline_dir):
+    report = write_report(run_dir, {"multitask": baseline_dir})
+    assert report == run_dir / "report" / "report.md"
+    with open(run_dir / "report" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["round", "view", "task", "role", "metric", "value"]
+    # probe: 3 rounds x 4 tasks x 2 metrics; finetune: 2 rounds x 4 tasks x (2 metrics + steps, examples, stopped)
+    assert len(rows) == 3 * 4 * 2 + 2 * 4 * 5
+    index = {(int(r["round"]), r["view"], r["task"], r["metric"]): r for r in rows}
+    assert float(index[(2, "finetune", "rte", "accuracy")]["value"]) == pytest.approx(0.58)
+    assert index[(2, "finetune", "rte", "accuracy")]["role"] == "heldout"
+    assert float(index[(1, "probe", "stsb", "pearson")]["value"]) == pytest.approx(0.35)
+    assert float(index[(0, "probe", "sst2", "macro_f1")]["value"]) == pytest.approx(0.58)
+    assert not any(r["view"] == "finetune" and r["round"] == "1" for r in rows)  # finetune did not run at round 1
+
+
+def test_plots_are_real_pngs(run_dir, baseline_dir):
+    write_report(run_dir, {"multitask": baseline_dir})
+    for name in ("views_vs_rounds.png", "seen_unseen.png", "task_gain.png"):
+        data = (run_dir / "report" / name).read_bytes()
+        assert data[:8] == PNG_MAGIC, name
+        assert len(data) > 10_000, name  # axes, bars and labels, not an empty canvas
+
+
+def test_report_states_gains_baselines_and_verdicts(run_dir, baseline_dir, tmp_path):
+    out = tmp_path / "elsewhere"
+    text = write_report(run_dir, {"multitask": baseline_dir}, out_dir=out).read_text()
+    assert not (run_dir / "report").exists()
+    # per-task table, probe then finetune: task, role, metric, start, final, gain, multitask
+    assert _row(text, "sst2") == [["sst2", "seen", "accuracy", "60.0", "75.0", "+15.0", "72.0"],
+                                  ["sst2", "seen", "accuracy", "80.0", "82.0", "+2.0", "81.0"]]
+    assert _row(text, "stsb")[0] == ["stsb", "seen", "pearson", "30.0", "40.0", "+10.0", "38.0"]
+    assert _row(text, "rte")[1] == ["rte", "unseen", "accuracy", "60.0", "58.0", "-2.0", "59.0"]
+    # means over classification tasks only (stsb left out): probe unseen 45.0 -> 51.0, baseline (49+45)/2
+    assert _row(text, "**mean unseen**")[0] == ["**mean unseen**", "unseen", "accuracy", "45.0", "51.0", "+6.0",
+                                                "47.0"]
+    assert _row(text, "**mean seen**")[0][3:7] == ["60.0", "75.0", "+15.0", "72.0"]
+    assert "| task | role | metric | start | final | gain | multitask |" in text
+    assert "Improved over the start model: 4 of 4 tasks (seen 2 of 2, unseen 2 of 2)." in text
+    assert "Improved over the start model: 2 of 4 tasks (seen 2 of 2, unseen 0 of 2)." in text
+    assert ("Linear probe (ColD-Frozen): the fused model beats the start model on held-out datasets by +6.0 points"
+            in text)
+    assert ("Full finetune (ColD): the fused model does not beat the start model on held-out datasets "
+            "(-1.5 points" in text)
+    # per-round table: finetune columns empty at round 1, filled at rounds 0 and 2
+    assert _row(text, "1") == [["1", "2", "70.0", "48.0", "-", "-", ""]]
+    assert _row(text, "2")[0][:6] == ["2", "2", "75.0", "51.0", "82.0", "53.5"]
+    # run facts and embedded plots
+    assert "mnli (contributing: not found under data_root)" in text
+    assert "Seen (contributing) datasets (2): sst2, stsb" in text
+    assert "lr=5e-05, batch_size=16, max_steps=60, epochs=none, head_policy=reinit" in text
+    for name in ("views_vs_rounds.png", "seen_unseen.png", "task_gain.png"):
+        assert f"]({name})" in text and (out / name).exists()
+
+
+def test_report_of_a_run_with_only_round_zero_has_no_gain_plot_and_no_verdict(baseline_dir, tmp_path):
+    text = write_report(baseline_dir, out_dir=tmp_path / "r").read_text()
+    assert not (tmp_path / "r" / "task_gain.png").exists() and "task_gain.png" not in text
+    assert "Linear probe (ColD-Frozen): not evaluated at round 0 and at a later round" in text
+    assert _row(text, "sst2")[0][3:6] == ["72.0", "72.0", "+0.0"]
+    assert "Few-shot: held-out datasets evaluated with k=100 training examples" in text
+
+
+def _card_header(text: str) -> dict:
+    match = re.match(r"---\n(.*?)\n---\n", text, re.DOTALL)
+    assert match, "no YAML header"
+    return yaml.safe_load(match.group(1))
+
+
+def test_model_card_has_hub_header_and_measured_scores(run_dir):
+    config = OmegaConf.load(run_dir / "config.yaml")  # a DictConfig, as the ServerApp holds it
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    card = write_model_card(run_dir / "model", config, records, [{"name": "mnli", "role": "contributing",
+                                                                  "reason": "absent"}])
+    assert card == run_dir / "model" / "README.md"
+    text = card.read_text()
+    meta = _card_header(text)
+    assert meta["library_name"] == "transformers"
+    assert meta["base_model"] == "FacebookAI/roberta-base"
+    assert meta["datasets"] == ["sst2", "stsb", "rte", "wnli"]
+    assert meta["pipeline_tag"] == "feature-extraction"
+    assert {"coldfusion", "federated-learning", "flower", "text-classification"} <= set(meta["tags"])
+    values = {r["dataset"]["name"]: r["metrics"][0]["value"] for r in meta["model-index"][0]["results"]
+              if r["task"]["name"].startswith("Linear probe")}
+    assert values == {"seen datasets (contributing)": 75.0, "unseen datasets (heldout)": 51.0}
+    body = text.split("---\n", 2)[2]
+    assert "| Linear probe (ColD-Frozen) | unseen | 45.0 | 51.0 | 2 | +6.0 |" in body
+    assert "| Full finetune (ColD) | unseen | 55.0 | 53.5 | 2 | -1.5 |" in body
+    assert "no task heads" in body and "Rounds done: 2" in body and "mnli (contributing: absent)" in body
+    assert f'AutoModel.from_pretrained("{run_dir / "model"}")' in body
+    assert "this run's own train/test splits" in body
+
+
+def test_model_card_omits_base_model_for_the_tiny_alias(tmp_path):
+    records = [_record(0, PROBE[0], {}, [])]
+    text = write_model_card(tmp_path / "m", {"model": {"name_or_path": "tiny"}}, records).read_text()
+    meta = _card_header(text)
+    assert "base_model" not in meta
+    assert "not a Hugging Face Hub model" in text
+
+
+def test_cli_writes_report_and_card(run_dir, baseline_dir, capsys):
+    assert main([str(run_dir), "--baseline", f"multitask={baseline_dir}"]) == 0
+    printed = capsys.readouterr().out
+    assert str(run_dir / "report" / "report.md") in printed
+    assert (run_dir / "model" / "README.md").exists()
+    assert "multitask" in (run_dir / "report" / "report.md").read_text()
+
+
+def test_cli_leaves_the_model_alone_when_asked(run_dir):
+    assert main([str(run_dir), "--no-model-card"]) == 0
+    assert not (run_dir / "model" / "README.md").exists()
+
+
+@pytest.mark.parametrize("content", [None, "{not json\n", "", "[1, 2]\n"])
+def test_cli_missing_or_corrupt_metrics_exit_2(tmp_path, capsys, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "metrics.jsonl").write_text(content)
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert str(run / "metrics.jsonl") in err and "Traceback" not in err
+    assert not (run / "report").exists() or not any((run / "report").iterdir())
+
+
+@pytest.mark.parametrize("spec", ["nonsense", "=somewhere", "name="])
+def test_cli_bad_baseline_spec_exit_2(run_dir, capsys, spec):
+    assert main([str(run_dir), "--baseline", spec]) == 2
+    err = capsys.readouterr().err
+    assert f"--baseline {spec!r}" in err and "NAME=RUN_DIR" in err and "Traceback" not in err
+
+
+def test_cli_baseline_without_metrics_exit_2(run_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(run_dir), "--baseline", f"fused={empty}"]) == 2
+    err = capsys.readouterr().err
+    assert "baseline 'fused'" in err and str(empty / "metrics.jsonl") in err
