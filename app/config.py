@@ -121,6 +121,7 @@ def _check_eval(cfg: DictConfig) -> None:
         for split in ("train", "test"):
             if OmegaConf.select(cfg, f"eval.{view}.max_{split}_examples") is not None:
                 _require(cfg, f"eval.{view}.max_{split}_examples", int, positive, "must be >= 1 or null")
+    _require(cfg, "eval.start", bool)
     _require(cfg, "eval.probe.pooling", str, lambda v: v in ("cls", "mean"), "must be 'cls' or 'mean'")
     _require(cfg, "eval.finetune.roles", (list, ListConfig),
              lambda v: len(v) > 0 and set(v) <= {"contributing", "heldout"}, "must list 'contributing' and/or 'heldout'")

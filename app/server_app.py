@@ -46,6 +46,7 @@ def main(grid: Grid, context: Context) -> None:
         eval_schedule={view: cfg.eval[view].every for view in VIEWS},
         finetune_roles=list(cfg.eval.finetune.roles),
         few_shot=cfg.eval.few_shot,
+        eval_start=bool(cfg.eval.start),
         fusion=str(cfg.fusion.operator),
         max_update_norm=cfg.validation.max_update_norm,
         max_relative_norm=cfg.validation.max_relative_norm,

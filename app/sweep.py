@@ -49,8 +49,9 @@ def run_job(overrides: list[str], job_dir: Path) -> dict[str, Any]:
             job["reason"] = f"run status {status}"
         if run_dir is not None and (run_dir / "metrics.jsonl").exists():
             records = read_metrics(run_dir)
-            job.update(seen=records[-1]["probe_contributing"], unseen=records[-1]["probe_heldout"],
-                       run_dir=str(run_dir))
+            last = records[-1]
+            job.update(seen=last["probe_contributing"], unseen=last["probe_heldout"], run_dir=str(run_dir),
+                       finetune_seen=last.get("finetune_contributing"), finetune_unseen=last.get("finetune_heldout"))
             scored = [r for r in records if r["probe_heldout"] is not None]
             if scored:
                 best = max(scored, key=lambda r: r["probe_heldout"])
@@ -69,7 +70,8 @@ def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
     for path in sorted(sweep_dir.glob(f"*/{JOB_FILE}"), key=lambda p: int(p.parent.name)
                        if p.parent.name.isdigit() else 0):
         rows.append({"job": path.parent.name, **json.loads(path.read_text())})
-    columns = ["job", "overrides", "status", "seen", "unseen", "best_round", "best_unseen", "seconds", "reason"]
+    columns = ["job", "overrides", "status", "seen", "unseen", "best_round", "best_unseen", "finetune_seen",
+               "finetune_unseen", "seconds", "reason"]
     with open(sweep_dir / "summary.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -96,12 +98,12 @@ def markdown_summary(rows, columns, groups) -> str:
         value = row.get(column)
         if value is None:
             return ""
-        if column in ("seen", "unseen", "best_unseen"):
+        if column in ("seen", "unseen", "best_unseen", "finetune_seen", "finetune_unseen"):
             return f"{100 * value:.2f}"
         return str(value).replace("|", "\\|")
 
-    lines = ["# Sweep summary", "", "Scores: linear-probe accuracy (%) of the final base, mean over "
-             "contributing (seen) and held-out (unseen) tasks.", "",
+    lines = ["# Sweep summary", "", "Scores: accuracy (%) of the final base, mean over contributing (seen) and "
+             "held-out (unseen) tasks: linear probe, and full finetuning (finetune_*) where that view ran.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     if groups:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,8 @@ def simulate(overrides: list[str], out_root: Path) -> Path:
 
 
 def main() -> int:
+    # SIGTERM unwinds like Ctrl-C, so each simulation's SuperLink and Ray workers are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-baselines", action="store_true", help="run ColD Fusion only")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / EXPERIMENT)
@@ -63,7 +66,8 @@ def main() -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     write_report(cold, out_dir=args.results)  # a first report, in case a baseline fails
     if not args.no_baselines:
-        fused_overrides = [*args.overrides, "rounds=1", "contributors_per_round=all"]
+        # its round 0 (the start model) is the ColD Fusion run's round 0: not scored twice
+        fused_overrides = [*args.overrides, "rounds=1", "contributors_per_round=all", "eval.start=false"]
         baselines["fused"] = timed("Fused (one-shot)", log, f"coldfusion-sim experiment={EXPERIMENT} "
                                    f"{' '.join(fused_overrides)}", lambda: simulate(fused_overrides, out_root))
         body = out_root / "multitask-body"

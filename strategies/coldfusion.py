@@ -96,6 +96,7 @@ class ColdFusion(FedAvg):
         eval_schedule: dict[str, int | str | None] | None = None,
         finetune_roles: Iterable[str] = ("contributing", "heldout"),
         few_shot: int | None = None,
+        eval_start: bool = True,
         fusion: str = "uniform_mean",
         max_update_norm: float | None = None,
         max_relative_norm: float | None = None,
@@ -115,7 +116,9 @@ class ColdFusion(FedAvg):
         self.eval_schedule = {"probe": 1, "finetune": None, **(eval_schedule or {})}  # view -> `every` (app.evaluation.due)
         self.finetune_roles = set(finetune_roles)
         self.few_shot = few_shot
+        self.eval_start = eval_start  # False: skip round 0 (a baseline run whose start model is scored elsewhere)
         self._views: list[str] = []  # the views due in the round being evaluated
+        self._asked: set[str] = set()  # the tasks asked to evaluate in this round
         self.on_round = on_round
         self.fuse = get_operator(fusion)
         self.max_update_norm = max_update_norm
@@ -235,11 +238,12 @@ class ColdFusion(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Every node gets the probe view when due; the finetune view goes to the roles it covers."""
-        messages = []
+        messages, self._asked = [], set()
         for node_id in sorted(self.nodes):
             node = self.nodes[node_id]
             views = [v for v in self._views if v != "finetune" or node.role in self.finetune_roles]
             if views:
+                self._asked.add(node.name)
                 extra = {"views": ",".join(views), "role": node.role}
                 messages += self._messages([node_id], arrays, ConfigRecord({**dict(config), **extra}),
                                            server_round, MessageType.EVALUATE)
@@ -247,6 +251,7 @@ class ColdFusion(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         record = self._record
+        replies = list(replies)
         by_view: dict[str, dict[str, dict[str, float]]] = {}  # view -> task -> metric -> value
         for reply in replies:
             node = self.nodes[reply.metadata.src_node_id]
@@ -258,6 +263,11 @@ class ColdFusion(FedAvg):
                 view, _, metric = key.partition(".")
                 if view in VIEWS:
                     by_view.setdefault(view, {}).setdefault(node.name, {})[metric] = float(value)
+        answered = {self.nodes[r.metadata.src_node_id].name for r in replies}
+        for name in sorted(self._asked - answered):  # a late reply is dropped by the round timeout: say so
+            record.failures.append(f"{name}: no evaluation reply within the round timeout")
+            log(WARNING, "Round %d: no evaluation reply from %s within the round timeout "
+                "(federation.round_timeout_s)", server_round, name)
         regression = {n.name for n in self.nodes.values() if n.info.is_regression}
         summary = {}
         for view, tasks in by_view.items():
@@ -315,7 +325,8 @@ class ColdFusion(FedAvg):
             record.seconds_train = time.perf_counter() - t0
             record.roles = {n.name: n.role for n in sorted(self.nodes.values(), key=lambda n: n.name)}
             record.few_shot = self.few_shot
-            self._views = [v for v in VIEWS if due(self.eval_schedule.get(v), server_round, num_rounds)]
+            self._views = [v for v in VIEWS if due(self.eval_schedule.get(v), server_round, num_rounds)
+                           and (server_round > 0 or self.eval_start or num_rounds == 0)]
             if self._views:
                 t1 = time.perf_counter()
                 replies = grid.send_and_receive(

@@ -2,29 +2,46 @@
 
 
 import pytest
+import yaml
 from transformers import AutoModel
 
 from app.launch import main, run_simulation, simulation_superlink, submit_run
-from app.outputs import read_metrics
+from app.outputs import pct, read_metrics
 
 pytestmark = pytest.mark.slow
 
 SHORT_RUN = ["rounds=3", "contributors_per_round=8", "client.max_steps=30", "tasks.train_size=600",
              "tasks.test_size=300", "eval.probe.max_train_examples=600", "eval.probe.max_test_examples=300"]
+# the full-finetune view on the held-out tasks, at round 0 and the last round only
+FINETUNE_VIEW = ["eval.finetune.every=first_last", "eval.finetune.roles=[heldout]", "eval.finetune.max_steps=15",
+                 "eval.finetune.max_train_examples=300", "eval.finetune.max_test_examples=200"]
 
 
 def test_flwr_run_with_35_supernodes_completes_and_improves_heldout_tasks(tmp_path, monkeypatch):
     monkeypatch.setenv("COLDFUSION_CACHE", str(tmp_path / "cache"))
-    status, run_dir = run_simulation(SHORT_RUN, output_root=tmp_path / "outputs")
+    status, run_dir = run_simulation(SHORT_RUN + FINETUNE_VIEW, output_root=tmp_path / "outputs")
     assert status == "finished:completed"
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert len(records[0]["probe"]) == 35
     assert all(len(r["contributors"]) == 8 and r["fused"] and not r["failures"] for r in records[1:])
     assert records[-1]["probe_heldout"] > records[0]["probe_heldout"], records
+    heldout = {t for t, role in records[0]["roles"].items() if role == "heldout"}
+    assert [set(r["finetune"]) for r in records] == [heldout, set(), set(), heldout]  # its own schedule
+    assert all(0 <= r["scores"]["finetune"][t]["macro_f1"] <= 1 for r in (records[0], records[3]) for t in heldout)
     model = AutoModel.from_pretrained(run_dir / "model")
     assert model.config.model_type == "roberta"
     assert "rounds: 3" in (run_dir / "config.yaml").read_text()
+    # every run leaves a report with its plots, and a model card that states the measured numbers
+    report = (run_dir / "report" / "report.md").read_text()
+    for plot in ("views_vs_rounds.png", "seen_unseen.png", "task_gain.png"):
+        assert (run_dir / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in report
+    card = (run_dir / "model" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["library_name"] == "transformers" and heldout <= set(header["datasets"])
+    for view in ("probe", "finetune"):
+        start, final = records[0][f"{view}_heldout"], records[-1][f"{view}_heldout"]
+        assert f"| {pct(start)} | {pct(final)} | 3 |" in card, card  # start and final held-out means, round 3
 
 
 def test_a_failed_serverapp_is_reported_as_failed_not_completed(tmp_path):

@@ -30,7 +30,8 @@ def _run(cfg, pool, tiny_path, client=client_app, rounds=2, node_id_step=1, **kw
     grid = InProcessGrid(client, [{"partition-id": i, "num-partitions": len(pool)} for i in range(len(pool))],
                          node_id_step=node_id_step)
     records = []
-    strategy = ColdFusion(pool=pool, contributors_per_round=4, seed=0, node_wait_timeout=5,
+    kwargs = {"contributors_per_round": 4, **kwargs}
+    strategy = ColdFusion(pool=pool, seed=0, node_wait_timeout=5,
                           on_round=lambda record, arrays: records.append(record), **kwargs)
     train, evaluate = _configs(cfg)
     start = ArrayRecord(initial_body(tiny_path))
