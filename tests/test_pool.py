@@ -25,7 +25,7 @@ from tasks.registry import assign_folds, build_pool, load_task, resolve_pool
 from tasks.spec import TaskDataError
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = (REPO.parent / "shared" / "data").resolve()  # the registry resolves symlinks (CI clones next to a link)
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real datasets not found at {SHARED}")
 
 # the paper pool's datasets with no copy in shared/data (catalog `local: null`)
