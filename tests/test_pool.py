@@ -22,7 +22,7 @@ from app.config import compose_config, to_container
 from tasks.formatting import FORMATTERS, get_formatter
 from tasks.hub import load_hub_task
 from tasks.registry import assign_folds, build_pool, load_task, resolve_pool
-from tasks.spec import TaskDataError
+from tests.test_task_loading import raises
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO.parent / "shared" / "data").resolve()  # the registry resolves symlinks (CI clones next to a link)
@@ -41,15 +41,6 @@ def paper() -> dict:
 
 def with_(cfg: dict, **changes) -> dict:
     return {**cfg, **changes}
-
-
-def raises(fragments: list[str], fn, *args, **kwargs) -> str:
-    with pytest.raises(TaskDataError) as ei:
-        fn(*args, **kwargs)
-    msg = str(ei.value)
-    for s in fragments:
-        assert s in msg, f"{s!r} not in message: {msg}"
-    return msg
 
 
 def fake_task(root: Path, name: str, pair: bool = False) -> Path:
