@@ -3,7 +3,9 @@
 ``<run dir>/ckpt-NNNN/`` holds ``body.safetensors`` (the base after round NNNN) and ``state.json``
 (the round, the sampler's random state, the history of round records, the resolved
 configuration). It is written as ``.ckpt-NNNN.tmp`` and renamed into place, so a crash mid-write leaves
-either the previous checkpoint or the new one, never a broken one. Only the newest is kept.
+either the previous checkpoint or the new one, never a broken one. Both files and the temporary directory
+are fsynced before the rename and the run directory after it, so this also holds after a power loss
+(the rename is durable only once its directory is). Only the newest is kept.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from app.outputs import fsync_path, strict
 
 # Keys that may differ between a run and its resumption: how to resume, and how long to go on.
 RESUMABLE_KEYS = ("resume", "resume_allow_config_change", "rounds")
@@ -38,13 +42,16 @@ def save_checkpoint(run_dir: Path, server_round: int, body: Mapping[str, torch.T
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in body.items()}, str(tmp / "body.safetensors"))
-    state = {"round": server_round, "rng_state": _jsonable(rng_state), "history": history,
+    fsync_path(tmp / "body.safetensors")
+    state = {"round": server_round, "rng_state": _jsonable(rng_state), "history": strict(history),
              "config": dict(config)}
     with open(tmp / "state.json", "w") as fh:
-        json.dump(state, fh)
+        json.dump(state, fh, allow_nan=False)
         fh.flush()
         os.fsync(fh.fileno())
+    fsync_path(tmp)
     os.rename(tmp, final)
+    fsync_path(run_dir)
     for old in run_dir.glob("ckpt-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

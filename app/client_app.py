@@ -10,7 +10,9 @@ Which task? In deployment the node config names it (``task=...`` and, for a loca
 
 Site settings in the node config (deployment): ``state-dir=/abs/path`` keeps this site's heads and its
 log of contributions on disk (``app.site_state``; otherwise heads live in ``context.state``, which
-lasts one run), ``device=cpu|cuda|cuda:N`` overrides the server's ``client.device``.
+lasts one run), ``device=cpu|cuda|cuda:N`` overrides the server's ``client.device``, ``site=NAME`` names
+the site (two sites holding the same task are ordered by it), ``allow-faults=true`` lets the testing aid
+``app.faults`` act on this node (never on a real site).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from app.evaluation import VIEW_FUNCTIONS
-from app.faults import before_training, corrupt_body, fault_for
+from app.faults import before_training, corrupt_body, fault_for, malformed_content
 from app.model import (
     body_signature,
     body_state,
@@ -76,12 +78,22 @@ def node_task_entry(node_config: Mapping[str, Any], pool: list[dict[str, Any]]) 
     return entry
 
 
+def site_name(node_config: Mapping[str, Any]) -> str:
+    """How this node names itself, so that two nodes holding the same task are told apart in a stable order:
+    node config ``site``, else its state or data directory, else its simulation partition."""
+    for key in ("site", "state-dir", "data-dir", "partition-id"):
+        if key in node_config:
+            return f"{key}={node_config[key]}"
+    return ""
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     entry = node_task_entry(context.node_config, json.loads(str(msg.content["config"]["pool"])))
     info, _ = load_task_cached(entry_key(entry))
     role = str(context.node_config.get("role", ""))  # empty: the server's pool decides
-    answer = ConfigRecord({"info": info.to_json(), "entry": entry_key(entry), "role": role})
+    answer = ConfigRecord({"info": info.to_json(), "entry": entry_key(entry), "role": role,
+                           "site": site_name(context.node_config)})
     if "model" in msg.content["config"]:  # let the server check that our model fits its body
         model = build_classifier(_model_path(str(msg.content["config"]["model"])), info.num_labels, 0)
         answer["body-signature"] = body_signature(body_state(model))
@@ -101,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
     received = msg.content["arrays"].to_torch_state_dict()
     load_body(model, received)
     faults = json.loads(str(config.get("faults", "{}")))
-    fault = fault_for(faults, info.name)  # testing aid, off unless faults.enabled
+    fault = fault_for(faults, info.name, context.node_config)  # testing aid: off unless enabled and opted in
     before_training(fault, faults)
     heads = _HeadStore(context, info.name, str(recipe.get("head_scope", "run")))
     head_origin = "reinit"
@@ -122,10 +134,15 @@ def train(msg: Message, context: Context) -> Message:
                                     train_loss=stats.loss, examples=stats.examples, steps=stats.steps,
                                     seconds=round(stats.seconds, 3), head=head_origin, device=str(device))
     metrics = MetricRecord({"train-loss": stats.loss, "num-examples": stats.examples, "steps": stats.steps,
-                            "seconds": stats.seconds, "server-round": server_round})
+                            "stopped-early": int(stats.stopped_early), "seconds": stats.seconds,
+                            "server-round": server_round})
+    if keep_head:  # 1: the head of an earlier round was found; 0: a fresh one (first contribution, or lost)
+        metrics["head-kept"] = int(head_origin == "loaded")
     body = corrupt_body(fault, body_state(model), received, faults) if fault else body_state(model)
     # Only the body leaves the node: the head stays here (context.state or the site's state-dir).
-    return Message(content=RecordDict({"arrays": ArrayRecord(body), "metrics": metrics}), reply_to=msg)
+    content = (malformed_content(server_round, body, metrics) if fault == "malformed"
+               else RecordDict({"arrays": ArrayRecord(body), "metrics": metrics}))
+    return Message(content=content, reply_to=msg)
 
 
 class _HeadStore:

@@ -17,7 +17,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# conf/ ships inside the package after `pip install .` (app/conf, package data: see pyproject.toml);
+# in a checkout (and an editable install) it is the repository's conf/.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = _PACKAGED_CONF if (_PACKAGED_CONF / "config.yaml").is_file() else _PACKAGED_CONF.parents[1] / "conf"
 
 
 class ConfigError(ValueError):
@@ -72,7 +75,10 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.federation.expected_nodes is not None:
         _require(cfg, "federation.expected_nodes", int, positive, "must be >= 1 or null")
     _require(cfg, "federation.node_wait_timeout_s", number, positive, "must be > 0 seconds")
-    _require(cfg, "federation.round_timeout_s", number, positive, "must be > 0 seconds")
+    for key in ("discovery", "train", "eval"):
+        _require(cfg, f"federation.{key}_timeout_s", number, positive, "must be > 0 seconds")
+    if cfg.federation.run_timeout_s is not None:
+        _require(cfg, "federation.run_timeout_s", number, positive, "must be > 0 seconds or null")
     _require(cfg, "model.name_or_path", str, bool, "must not be empty")
     _require(cfg, "client.lr", number, positive, "must be > 0")
     _require(cfg, "client.weight_decay", number, lambda v: v >= 0, "must be >= 0")
@@ -95,7 +101,12 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("validation.max_update_norm", "validation.max_relative_norm", "backtrack.threshold"):
         if OmegaConf.select(cfg, key) is not None:
             _require(cfg, key, number, lambda v: v > 0, "must be > 0 or null")
+    _require(cfg, "validation.min_peers", int, positive, "must be >= 1")
+    _require(cfg, "validation.min_reference_norm", number, positive, "must be > 0")
     _require(cfg, "backtrack.monitor", str, lambda v: v in ("contributing", "heldout"), "must be 'contributing' or 'heldout'")
+    if cfg.backtrack.threshold is not None and cfg.eval.probe.every != 1:
+        raise ConfigError(f"config key 'backtrack.threshold' needs the probe every round (eval.probe.every=1), got "
+                          f"eval.probe.every={cfg.eval.probe.every!r}: a round without a probe could not be rolled back")
     if cfg.resume is not None:
         _require(cfg, "resume", str, lambda v: Path(v).is_dir(), "must be an existing run directory")
     _require(cfg, "faults.enabled", bool)
@@ -122,7 +133,6 @@ def _check_eval(cfg: DictConfig) -> None:
             if OmegaConf.select(cfg, f"eval.{view}.max_{split}_examples") is not None:
                 _require(cfg, f"eval.{view}.max_{split}_examples", int, positive, "must be >= 1 or null")
     _require(cfg, "eval.start", bool)
-    _require(cfg, "eval.probe.pooling", str, lambda v: v in ("cls", "mean"), "must be 'cls' or 'mean'")
     _require(cfg, "eval.finetune.roles", (list, ListConfig),
              lambda v: len(v) > 0 and set(v) <= {"contributing", "heldout"}, "must list 'contributing' and/or 'heldout'")
     if cfg.eval.finetune.max_steps is None and cfg.eval.finetune.epochs is None:

@@ -1,6 +1,7 @@
 """The two views of a base body on one task (the paper's "Evaluation"), and when each one runs.
 
-* ``probe`` ("ColD-Frozen"): the body stays frozen; a fresh linear model is fitted on its features.
+* ``probe`` ("ColD-Frozen"): the body stays frozen; a fresh linear model is fitted on its features,
+  once on the first token (the paper's view, the primary score) and once on the mean-pooled tokens.
 * ``finetune`` ("ColD"): the body with a fresh head is finetuned as a whole with the contributor
   recipe, under the view's own budget (``eval.finetune``), and scored on the test split.
 
@@ -30,9 +31,13 @@ def probe_view(model, info, tokenizer, data, settings: Mapping[str, Any], recipe
     probe = settings["probe"]
     train = subsample(data["train"], few_shot or probe["max_train_examples"], seed)
     test = subsample(data["test"], probe["max_test_examples"], seed)
-    features = [extract_features(model.base_model, split, tokenizer, probe["pooling"], int(probe["batch_size"]), device)
-                for split in (train, test)]
-    return probe_score(*features, info.is_regression, probe)
+    train_feats, test_feats = (extract_features(model.base_model, split, tokenizer, int(probe["batch_size"]), device)
+                               for split in (train, test))
+    # The first-token probe is the paper's ColD-Frozen view, so its metrics keep the plain names; the
+    # mean-pooled probe's carry the prefix ``mean_pool_`` (strategies.coldfusion.SERIES reads both).
+    scores = probe_score(train_feats["first_token"], test_feats["first_token"], info.is_regression, probe)
+    pooled = probe_score(train_feats["mean_pool"], test_feats["mean_pool"], info.is_regression, probe)
+    return {**scores, **{f"mean_pool_{name}": value for name, value in pooled.items()}}
 
 
 def finetune_view(model, info, tokenizer, data, settings: Mapping[str, Any], recipe: Mapping[str, Any],

@@ -1,7 +1,11 @@
 """Fault injection: a TESTING AID that makes chosen contributors misbehave on purpose.
 
-Enabled only through ``faults.enabled=true`` in ``conf/`` (off by default). ``faults.tasks`` maps a task
-name to one fault; the node holding that task then, every round it is asked to train:
+Enabled only through ``faults.enabled=true`` in ``conf/`` (off by default), and obeyed only by a node that
+opts in itself: node config ``allow-faults=true`` (deployment) or ``COLDFUSION_ALLOW_FAULTS=1`` in its
+environment (``coldfusion-sim`` sets it for its own simulation when faults are enabled). A node that has not
+opted in refuses a message that asks for a fault, so a server cannot make a real site crash or misbehave.
+``faults.tasks`` maps a task name to one fault; the node holding that task then, every round it is asked
+to train:
 
 * ``raise``: fails the message (Flower returns an error reply);
 * ``crash``: kills its ClientApp process (``os._exit``) without replying. In a deployment that is one
@@ -9,7 +13,9 @@ name to one fault; the node holding that task then, every round it is asked to t
   on it (measured: the other contributors of that actor fail too), so prefer ``raise`` there;
 * ``hang``: sleeps ``faults.hang_s`` seconds before answering (past the round timeout);
 * ``non_finite``: replies with NaN in one tensor; ``wrong_shape``: one tensor of another shape;
-  ``drop_key``: one key missing; ``scale``: an update ``faults.scale`` times larger than trained.
+  ``drop_key``: one key missing; ``scale``: an update ``faults.scale`` times larger than trained;
+* ``malformed``: a reply whose records are wrong, in turn by round: no ``metrics`` record; ``arrays`` that
+  is not an ArrayRecord; ``train-loss`` missing and ``num-examples`` of the wrong type.
 """
 
 from __future__ import annotations
@@ -19,18 +25,36 @@ import time
 from typing import Any, Mapping
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-FAULTS = ("raise", "crash", "hang", "non_finite", "wrong_shape", "drop_key", "scale")
+FAULTS = ("raise", "crash", "hang", "non_finite", "wrong_shape", "drop_key", "scale", "malformed")
+ALLOW_ENV = "COLDFUSION_ALLOW_FAULTS"
 
 
 class InjectedFault(RuntimeError):
     """Raised by the ``raise`` fault."""
 
 
-def fault_for(faults: Mapping[str, Any], task: str) -> str | None:
+class FaultsNotAllowed(PermissionError):
+    """The server asked for a fault on a node that has not opted in."""
+
+
+def allows_faults(node_config: Mapping[str, Any]) -> bool:
+    """Has this node opted in to fault injection (node config ``allow-faults``, or the environment)?"""
+    flag = node_config.get("allow-faults", os.environ.get(ALLOW_ENV, ""))
+    return flag is True or str(flag).strip().lower() in ("1", "true", "yes")
+
+
+def fault_for(faults: Mapping[str, Any], task: str, node_config: Mapping[str, Any]) -> str | None:
+    """The fault this node must inject for ``task``, or None; FaultsNotAllowed if it has not opted in."""
     if not faults.get("enabled"):
         return None
-    return (faults.get("tasks") or {}).get(task)
+    fault = (faults.get("tasks") or {}).get(task)
+    if fault is not None and not allows_faults(node_config):
+        raise FaultsNotAllowed(f"the server asked this node to inject the fault '{fault}' (faults.enabled), but "
+                               f"the node has not opted in: set node config allow-faults=true (or {ALLOW_ENV}=1) "
+                               "only on a test site")
+    return fault
 
 
 def before_training(fault: str | None, settings: Mapping[str, Any]) -> None:
@@ -56,3 +80,15 @@ def corrupt_body(fault: str | None, body: dict[str, torch.Tensor], received: Map
         factor = float(settings.get("scale", 100.0))
         body = {k: received[k] + factor * (v - received[k]) if v.is_floating_point() else v for k, v in body.items()}
     return body
+
+
+def malformed_content(server_round: int, body: dict[str, torch.Tensor], metrics: MetricRecord) -> RecordDict:
+    """The ``malformed`` fault's reply content: one of three broken shapes, in turn by round."""
+    kind = server_round % 3
+    if kind == 1:  # a record is missing
+        return RecordDict({"arrays": ArrayRecord(body)})
+    if kind == 2:  # a record of the wrong kind
+        return RecordDict({"arrays": ConfigRecord({"weights": "not an array"}), "metrics": metrics})
+    wrong = MetricRecord({k: v for k, v in metrics.items() if k != "train-loss"})
+    wrong["num-examples"] = [1.5, 2.5]  # a list of floats where an int belongs
+    return RecordDict({"arrays": ArrayRecord(body), "metrics": wrong})

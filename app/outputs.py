@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -35,14 +36,14 @@ class RunOutputs:
         """Continue a run's directory: its metrics file becomes exactly the checkpoint's history."""
         outputs = cls(Path(directory).expanduser().resolve())
         tmp = outputs.dir / f".{METRICS_FILE}.tmp"
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+        tmp.write_text("".join(json_line(record) for record in history))
         os.replace(tmp, outputs.dir / METRICS_FILE)
         return outputs
 
     def append_round(self, record: Any) -> None:
         """One JSON line per round, flushed and fsynced so a crash never loses a finished round."""
         with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(asdict(record)) + "\n")
+            fh.write(json_line(asdict(record)))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -57,25 +58,56 @@ class RunOutputs:
         return self.dir / "model"
 
 
+def strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: JSON has no NaN or Infinity. The strategy
+    never records one (a NaN loss is a rejected reply, with its reason); this is the last line of defence."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (after a rename into it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One record as a line of strict JSON (``allow_nan=False``: a stray NaN is an error, not bare ``NaN``)."""
+    return json.dumps(strict(record), allow_nan=False) + "\n"
+
+
 def read_metrics(directory: str | Path) -> list[dict[str, Any]]:
     path = Path(directory) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def summary_table(records: Iterable[dict[str, Any]]) -> Table:
-    """Round-by-round table: contributors, skipped ones (failed or rejected), mean train loss, probe means, seconds."""
+    """Round-by-round table: contributors, skipped ones (failed or rejected), the mean train loss of the fused
+    contributions, both probes' means (first token: the paper's view; mean pooling), seconds."""
     table = Table(title="ColD Fusion: linear-probe score of the base after each round")
-    for column in ("round", "contributors", "skipped", "train loss", "probe seen", "probe unseen", "seconds"):
+    for column in ("round", "contributors", "skipped", "train loss", "probe seen", "probe unseen",
+                   "mean-pool seen", "mean-pool unseen", "seconds"):
         table.add_column(column, justify="right")
     for r in records:
-        losses = list(r["train_loss"].values())
+        fused = r.get("fused_contributors", r["contributors"] if r.get("fused") else [])
+        losses = [r["train_loss"][c] for c in fused if r["train_loss"].get(c) is not None]
         table.add_row(
-            str(r["round"]),
+            str(r["round"]) + (" (rolled back)" if r.get("rolled_back") else ""),
             str(len(r["contributors"])) if r["round"] else "(start)",
             str(len(r["failures"]) + len(r.get("rejections", []))),
             f"{sum(losses) / len(losses):.3f}" if losses else "-",
             pct(r["probe_contributing"]),
             pct(r["probe_heldout"]),
+            pct(r.get("probe_mean_pool_contributing")),
+            pct(r.get("probe_mean_pool_heldout")),
             f"{r['seconds_train'] + r['seconds_eval']:.1f}",
         )
     return table

@@ -20,27 +20,31 @@ from transformers import DataCollatorWithPadding
 from app.metrics import task_metrics
 
 
+POOLINGS = ("first_token", "mean_pool")  # the paper's view first: it is the primary score
+
+
 @torch.inference_mode()
-def extract_features(body, dataset, tokenizer, pooling: str, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled last hidden states of ``body`` for every example, and the labels."""
+def extract_features(body, dataset, tokenizer, batch_size: int, device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Both poolings of ``body``'s last hidden states in one pass: pooling -> (features, labels).
+
+    ``first_token`` is what the paper's frozen classification head reads (RoBERTa's ``<s>``, BERT's
+    ``[CLS]``); ``mean_pool`` averages the non-pad tokens, as sentence encoders such as MiniLM are trained.
+    """
     body.to(device).eval()
     loader = DataLoader(
         dataset.with_format("torch"), batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer)
     )
-    feats, labels = [], []
+    feats: dict[str, list[np.ndarray]] = {name: [] for name in POOLINGS}
+    labels = []
     for batch in loader:
         labels.append(batch.pop("labels").numpy())
         batch = {k: v.to(device) for k, v in batch.items()}
         hidden = body(**batch).last_hidden_state
-        if pooling == "cls":
-            pooled = hidden[:, 0]
-        elif pooling == "mean":
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        else:
-            raise ValueError(f"eval.probe.pooling must be 'cls' or 'mean', got '{pooling}'")
-        feats.append(pooled.float().cpu().numpy())
-    return np.concatenate(feats), np.concatenate(labels)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        feats["first_token"].append(hidden[:, 0].float().cpu().numpy())
+        feats["mean_pool"].append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu().numpy())
+    y = np.concatenate(labels)
+    return {name: (np.concatenate(parts), y) for name, parts in feats.items()}
 
 
 def probe_score(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],

@@ -6,8 +6,13 @@ or a model in memory. Tables and aggregates are pure functions of the records; p
 stay at the edge. Nothing is stated that was not computed from those files.
 
 Two evaluation views (docs/coldfusion.md, "Evaluation"): ``probe`` (ColD-Frozen, linear probe on the frozen
-body) and ``finetune`` (ColD, whole model finetuned with a fresh head). Seen = contributing datasets,
-unseen = held-out ones. Means cover classification datasets only (regression, e.g. STS-B, is left out, as in
+body; the first-token probe is the paper's, ``probe_mean_pool`` is the same probe on mean-pooled tokens) and
+``finetune`` (ColD, whole model finetuned with a fresh head). Seen = contributing datasets, unseen = held-out
+ones.
+
+"Final" always describes the **saved model** (the base after the last round): the scores of the latest round
+that evaluated that very base. When the last rounds were rolled back by back-tracking, that is an earlier
+round; a view that never scored the saved base reads n/a (and the report says so). Means cover classification datasets only (regression, e.g. STS-B, is left out, as in
 the paper and in the server's own ``*_contributing`` / ``*_heldout`` means).
 """
 
@@ -29,7 +34,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from app.outputs import METRICS_FILE, pct, read_metrics, render_table
 
-VIEWS = {"probe": "Linear probe (ColD-Frozen)", "finetune": "Full finetune (ColD)"}
+# Score series of a record (strategies.coldfusion.SERIES): the probe view gives two, one per pooling.
+VIEWS = {"probe": "Linear probe, first token (ColD-Frozen)", "probe_mean_pool": "Linear probe, mean pooling",
+         "finetune": "Full finetune (ColD)"}
 ROLES = {"contributing": "seen", "heldout": "unseen"}
 ROLE_COLORS = {"contributing": "tab:blue", "heldout": "tab:orange"}
 # Names of conf/model/*.yaml that are not Hugging Face ids: the Hub id they stand for, or None (no hub model).
@@ -121,8 +128,42 @@ def cfg_get(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
 
 
 def evaluated(records: Sequence[Mapping[str, Any]], view: str) -> list[Mapping[str, Any]]:
-    """Rounds where the view ran: each view has its own schedule, and an empty dict means it did not run."""
-    return [r for r in records if r.get(view)]
+    """Rounds where the view ran: each view has its own schedule, and an empty dict means it did not run.
+    A rolled-back round's scores describe a base that was undone, so they are left out."""
+    return [r for r in records if r.get(view) and not r.get("rolled_back")]
+
+
+def base_rounds(records: Sequence[Mapping[str, Any]]) -> list[int]:
+    """For each record, the round whose fusion produced the base in effect after it (0: the start model);
+    derived from ``fused`` / ``rolled_back`` for records written before ``base_round`` existed."""
+    rounds, current = [], 0
+    for record in records:
+        if "base_round" in record:
+            current = int(record["base_round"])
+        elif record.get("fused") and not record.get("rolled_back"):
+            current = int(record["round"])
+        rounds.append(current)
+    return rounds
+
+
+def saved_model_record(records: Sequence[Mapping[str, Any]], view: str) -> Mapping[str, Any] | None:
+    """The latest record whose ``view`` scores describe the saved model (the base after the last round),
+    or None when no round scored that base in this view."""
+    if not records:
+        return None
+    produced = base_rounds(records)
+    saved = produced[-1]
+    for record, base_round in zip(reversed(records), reversed(produced)):
+        if base_round != saved:
+            break
+        if record.get(view) and not record.get("rolled_back"):
+            return record
+    return None
+
+
+def final_round(records: Sequence[Mapping[str, Any]], view: str) -> int | None:
+    record = saved_model_record(records, view)
+    return None if record is None else int(record["round"])
 
 
 def task_roles(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -162,25 +203,30 @@ def mean_series(records: Sequence[Mapping[str, Any]], view: str, role: str, role
     return [(n, v) for n, v in series if v is not None]
 
 
-def role_summary(series: Sequence[tuple[int, float]]) -> dict[str, tuple[int, float] | None]:
-    """Start (round 0), final (last evaluated round) and best point of one mean series."""
+def role_summary(series: Sequence[tuple[int, float]], final: int | None) -> dict[str, tuple[int, float] | None]:
+    """Start (round 0), final (the saved model's round ``final``, or None) and best point of one mean series."""
     return {"start": next((p for p in series if p[0] == 0), None),
-            "final": series[-1] if series else None,
+            "final": next((p for p in series if p[0] == final), None),
             "best": max(series, key=lambda p: p[1]) if series else None}
 
 
+def summarise_series(records: Sequence[Mapping[str, Any]], view: str, role: str, roles: Mapping[str, str],
+                     regression: set[str]) -> dict[str, tuple[int, float] | None]:
+    return role_summary(mean_series(records, view, role, roles, regression), final_round(records, view))
+
+
 def last_scores(records: Sequence[Mapping[str, Any]], view: str) -> dict[str, float]:
-    """A baseline's score per task: its last evaluated round of that view (round 0 for a rounds=0 run)."""
-    runs = evaluated(records, view)
-    return dict(runs[-1][view]) if runs else {}
+    """A run's final score per task: the saved model's (round 0 for a rounds=0 baseline run)."""
+    record = saved_model_record(records, view)
+    return dict(record[view]) if record else {}
 
 
 def task_rows(records: Sequence[Mapping[str, Any]], view: str, roles: Mapping[str, str], regression: set[str],
               baselines: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> list[TaskRow]:
-    """Per task: start (round 0) vs final (last evaluated round) of this view, plus each baseline's score."""
+    """Per task: start (round 0) vs final (the saved model) of this view, plus each baseline's score."""
     runs = evaluated(records, view)
     start = next((dict(r[view]) for r in runs if r["round"] == 0), {})
-    final = dict(runs[-1][view]) if runs else {}
+    final = last_scores(records, view)
     others = {name: last_scores(recs, view) for name, recs in (baselines or {}).items()}
     order = list(ROLES)
     tasks = sorted(set(start) | set(final),
@@ -229,11 +275,13 @@ def verdict(records: Sequence[Mapping[str, Any]], view: str, roles: Mapping[str,
     """One plain sentence per view: does the final model beat round 0 on held-out (else seen) datasets?"""
     label = VIEWS[view]
     for role, word in (("heldout", "held-out"), ("contributing", "contributing")):
-        points = role_summary(mean_series(records, view, role, roles, regression))
+        points = summarise_series(records, view, role, roles, regression)
         start, final = points["start"], points["final"]
         if start is not None and final is not None and final[0] != 0:
             break
     else:
+        if final_round(records, view) is None and evaluated(records, view):
+            return f"{label}: n/a: no round scored the saved model in this view, so there is no verdict."
         return f"{label}: not evaluated at round 0 and at a later round, so there is no verdict."
     gain = 100 * (final[1] - start[1])
     detail = f"mean accuracy {pct(final[1])} at round {final[0]} vs {pct(start[1])} at round 0"
@@ -282,6 +330,22 @@ def base_model_id(name: Any) -> str | None:
     return MODEL_ALIASES.get(name, name) if name in MODEL_ALIASES else name
 
 
+def backtrack_lines(config: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What back-tracking watched, and which rounds it undid (nothing when it was off)."""
+    threshold = cfg_get(config, "backtrack.threshold")
+    rolled = [r["round"] for r in records if r.get("rolled_back")]
+    if threshold is None and not rolled:
+        return []
+    monitor = cfg_get(config, "backtrack.monitor", "contributing")
+    lines = [f"Back-tracking: a round is undone when the mean first-token probe accuracy over the {monitor} "
+             f"datasets falls by more than {threshold}; rolled back: {', '.join(map(str, rolled)) or 'none'}"]
+    saved = base_rounds(records)[-1] if records else 0
+    if rolled:
+        lines.append(f"The saved model is the base produced in round {saved}; a rolled-back round's scores "
+                     "describe the undone base and are left out of 'final'")
+    return lines
+
+
 def pool_lines(roles: Mapping[str, str], regression: set[str], missing: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = [] if roles else ["Task roles (seen/unseen) are not recorded in metrics.jsonl nor listed in config.yaml"]
     for role, word in ROLES.items() if roles else ():
@@ -315,9 +379,9 @@ def round_table(records: Sequence[Mapping[str, Any]], roles: Mapping[str, str], 
 def task_section(records: Sequence[Mapping[str, Any]], view: str, roles: Mapping[str, str], regression: set[str],
                  baselines: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     rows = task_rows(records, view, roles, regression, baselines)
-    runs = evaluated(records, view)
-    final_round = runs[-1]["round"]
-    title = f"### {VIEWS[view]}: start (round 0) vs final (round {final_round})"
+    saved = final_round(records, view)
+    title = (f"### {VIEWS[view]}: start (round 0) vs final (round {saved}, the saved model)" if saved is not None
+             else f"### {VIEWS[view]}: start (round 0); final n/a (no round scored the saved model in this view)")
     names = list(baselines)
     body = [[r.task, ROLES.get(r.role, r.role), r.metric, pct(r.start), pct(r.final), _gain(r.gain),
              *(pct(r.baselines[n]) for n in names)] for r in rows]
@@ -348,6 +412,7 @@ def report_markdown(run: Run, baselines: Mapping[str, Run], plots: Sequence[str]
          f"seed {cfg_get(config, 'seed', 'unknown')}"),
         f"Contributor recipe: {recipe_text(cfg_get(config, 'client'))}",
         *(f"Evaluation {line}" for line in eval_text(cfg_get(config, "eval"))),
+        *backtrack_lines(config, records),
         *pool_lines(roles, regression, run.missing),
     ]
     few_shot = sorted({r["few_shot"] for r in records if r.get("few_shot") is not None})
@@ -383,9 +448,11 @@ def model_card(model_dir: str | Path, config: Mapping[str, Any], records: Sequen
     results, score_rows = [], []
     for view, label in VIEWS.items():
         for role, word in ROLES.items():
-            points = role_summary(mean_series(records, view, role, roles, regression))
+            points = summarise_series(records, view, role, roles, regression)
             start, final = points["start"], points["final"]
             if final is None:
+                if evaluated(records, view) and start is not None:  # scored, but never the saved model
+                    score_rows.append([label, word, pct(start[1]), "n/a (saved model not scored)", "-", "-"])
                 continue
             change = _gain(final[1] - start[1]) if start is not None else "-"
             score_rows.append([label, word, pct(start[1]) if start else "-", pct(final[1]), final[0], change])
@@ -411,6 +478,7 @@ def model_card(model_dir: str | Path, config: Mapping[str, Any], records: Sequen
         *pool_lines(roles, regression, missing or []),
         f"Contributor recipe (whole model, body and head): {recipe_text(cfg_get(config, 'client'))}",
         *(f"Evaluation {line}" for line in eval_text(cfg_get(config, "eval"))),
+        *backtrack_lines(config, records),
     ]
     scores = (md_table(["view", "datasets", "start (round 0)", "final", "final round", "change (points)"], score_rows)
               if score_rows else "No evaluation was recorded for this run.")
@@ -425,8 +493,9 @@ one. It has **no task heads**: put a fresh head (or a linear probe) on it for yo
 ## Measured scores
 
 Mean accuracy over the classification datasets of each group (percent; regression datasets are left out).
-"Linear probe (ColD-Frozen)": frozen body, fresh linear head. "Full finetune (ColD)": fresh head, whole model
-finetuned.
+"Linear probe, first token (ColD-Frozen)": frozen body, fresh linear head on the first token (the paper's view).
+"Linear probe, mean pooling": the same on the mean of the tokens. "Full finetune (ColD)": fresh head, whole
+model finetuned. "Final" is the saved model: the latest round that scored this very body.
 
 {scores}
 
@@ -491,7 +560,7 @@ def plot_seen_unseen(records, roles, regression, path: Path) -> Path | None:
     axes = fig.subplots(1, len(views), squeeze=False, sharey=True)[0]
     width = 0.26
     for ax, view in zip(axes, views):
-        summaries = {role: role_summary(mean_series(records, view, role, roles, regression)) for role in ROLES}
+        summaries = {role: summarise_series(records, view, role, roles, regression) for role in ROLES}
         for i, (point, color) in enumerate((("start", "0.6"), ("final", "tab:green"), ("best", "tab:purple"))):
             label: str | None = point  # one legend entry per kind of bar
             for x, role in enumerate(ROLES):
@@ -513,9 +582,8 @@ def plot_task_gain(records, roles, regression, path: Path) -> Path | None:
 
     panels = {}
     for view in VIEWS:
-        runs = evaluated(records, view)
         rows = [r for r in task_rows(records, view, roles, regression) if r.gain is not None]
-        if rows and runs[-1]["round"] != 0:
+        if rows and final_round(records, view) not in (None, 0):
             panels[view] = sorted(rows, key=lambda r: r.gain)
     if not panels:
         return None
@@ -526,9 +594,8 @@ def plot_task_gain(records, roles, regression, path: Path) -> Path | None:
         labels = [r.task + (" (r)" if r.task in regression else "") for r in rows]
         ax.barh(labels, [100 * r.gain for r in rows], color=[ROLE_COLORS.get(r.role, "0.5") for r in rows])
         ax.axvline(0, color="black", lw=0.8)
-        final_round = evaluated(records, view)[-1]["round"]
         note = "; (r): Pearson r x 100" if any(r.task in regression for r in rows) else ""
-        ax.set(title=f"{VIEWS[view]}: round {final_round} vs round 0", xlabel=f"gain (points{note})")
+        ax.set(title=f"{VIEWS[view]}: round {final_round(records, view)} vs round 0", xlabel=f"gain (points{note})")
         present = dict.fromkeys(r.role for r in rows)
         ax.legend(handles=[Patch(color=ROLE_COLORS.get(r, "0.5"), label=ROLES.get(r, r)) for r in present], fontsize=8)
         ax.tick_params(axis="y", labelsize=8)

@@ -43,6 +43,9 @@ def main(grid: Grid, context: Context) -> None:
         seed=int(cfg.seed),
         expected_nodes=cfg.federation.expected_nodes,
         node_wait_timeout=float(cfg.federation.node_wait_timeout_s),
+        discovery_timeout=float(cfg.federation.discovery_timeout_s),
+        train_timeout=float(cfg.federation.train_timeout_s),
+        eval_timeout=float(cfg.federation.eval_timeout_s),
         eval_schedule={view: cfg.eval[view].every for view in VIEWS},
         finetune_roles=list(cfg.eval.finetune.roles),
         few_shot=cfg.eval.few_shot,
@@ -50,6 +53,8 @@ def main(grid: Grid, context: Context) -> None:
         fusion=str(cfg.fusion.operator),
         max_update_norm=cfg.validation.max_update_norm,
         max_relative_norm=cfg.validation.max_relative_norm,
+        min_peers=int(cfg.validation.min_peers),
+        min_reference_norm=float(cfg.validation.min_reference_norm),
         backtrack_threshold=cfg.backtrack.threshold,
         backtrack_monitor=str(cfg.backtrack.monitor),
         query_config={"model": model_spec},
@@ -76,18 +81,15 @@ def main(grid: Grid, context: Context) -> None:
         outputs.append_round(record)
 
     strategy.on_round = finish_round
-    monitored = [r[f"probe_{cfg.backtrack.monitor}"] for r in history if r[f"probe_{cfg.backtrack.monitor}"] is not None]
-    last_score = monitored[-1] if monitored else None
     train_config, evaluate_config = round_configs(cfg, model_spec)
     result = strategy.start(
         grid,
         initial_arrays=ArrayRecord(start_arrays),
         num_rounds=int(cfg.rounds),
-        timeout=float(cfg.federation.round_timeout_s),
         train_config=train_config,
         evaluate_config=evaluate_config,
         first_round=first_round,
-        last_score=last_score,
+        history=list(history),  # a resumed run takes back its decision state from the records
     )
     save_fused_model(model_path, result.arrays.to_torch_state_dict(), outputs.model_dir)
     records = read_metrics(outputs.dir)

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.outputs import fsync_path, strict
+
 HEAD_SCOPES = ("run", "site")
 CONTRIBUTIONS_FILE = "contributions.jsonl"
 
@@ -76,7 +78,9 @@ class SiteState:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"task": task, **dict(metadata or {})})
+            fsync_path(Path(tmp))
             os.replace(tmp, path)
+            fsync_path(path.parent)  # the replace is durable once its directory is
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -90,7 +94,8 @@ class SiteState:
     def log_contribution(self, **record: Any) -> None:
         """Append one JSON line (with the time) to ``contributions.jsonl``, flushed and fsynced."""
         self.root.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}, sort_keys=True) + "\n"
+        line = json.dumps(strict({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}), sort_keys=True,
+                          allow_nan=False) + "\n"  # strict JSON: a NaN loss is written as null
         # one write() of one line on an O_APPEND descriptor: concurrent appenders never interleave lines
         fd = os.open(self.contributions_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

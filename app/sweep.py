@@ -6,8 +6,8 @@
 Hydra expands the sweep; each job runs ``coldfusion-sim``'s path (a private SuperLink, ``flwr run``,
 the run's final status checked with ``flwr ls``) one after another, and keeps the run's outputs in the
 job's own Hydra directory (``multirun/<date>/<time>/<job>/``). When the sweep ends, ``summary.csv``,
-``summary.md`` and ``summary.png`` in the sweep directory hold one row per job (its overrides, final
-seen and unseen probe scores, best round, wall time, status and, for a failed job, the reason), plus the
+``summary.md`` and ``summary.png`` in the sweep directory hold one row per job (its overrides, the saved
+model's seen and unseen probe scores (first token, the paper's view), best round, wall time, status and, for a failed job, the reason), plus the
 mean and standard deviation over seeds for settings that repeat. The exit status is 0 only if every
 job completed.
 """
@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from app.config import CONF_DIR
 from app.outputs import read_metrics
+from app.report import evaluated, saved_model_record
 
 JOB_FILE = "job.json"
 _last_sweep: dict[str, Any] = {}
@@ -48,20 +49,26 @@ def run_job(overrides: list[str], job_dir: Path) -> dict[str, Any]:
         if job["status"] == "failed":
             job["reason"] = f"run status {status}"
         if run_dir is not None and (run_dir / "metrics.jsonl").exists():
-            records = read_metrics(run_dir)
-            last = records[-1]
-            job.update(seen=last["probe_contributing"], unseen=last["probe_heldout"], run_dir=str(run_dir),
-                       finetune_seen=last.get("finetune_contributing"), finetune_unseen=last.get("finetune_heldout"))
-            scored = [r for r in records if r["probe_heldout"] is not None]
-            if scored:
-                best = max(scored, key=lambda r: r["probe_heldout"])
-                job.update(best_round=best["round"], best_unseen=best["probe_heldout"])
+            job.update(run_dir=str(run_dir), **final_scores(read_metrics(run_dir)))
     except Exception as exc:  # noqa: BLE001 - a failed job is a row in the summary, not a crash
         job["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         (job_dir / "error.txt").write_text(traceback.format_exc())
     job["seconds"] = round(time.perf_counter() - started, 1)
     (job_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
     return job
+
+
+def final_scores(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A job's row: the saved model's probe and finetune means (None where no round scored the saved model,
+    e.g. a last round rolled back before the finetune view ever scored its base), and its best probe round."""
+    probe, finetune = saved_model_record(records, "probe") or {}, saved_model_record(records, "finetune") or {}
+    row = {"seen": probe.get("probe_contributing"), "unseen": probe.get("probe_heldout"),
+           "finetune_seen": finetune.get("finetune_contributing"), "finetune_unseen": finetune.get("finetune_heldout")}
+    scored = [r for r in evaluated(records, "probe") if r.get("probe_heldout") is not None]
+    if scored:
+        best = max(scored, key=lambda r: r["probe_heldout"])
+        row.update(best_round=best["round"], best_unseen=best["probe_heldout"])
+    return row
 
 
 def summarise(sweep_dir: Path) -> list[dict[str, Any]]:

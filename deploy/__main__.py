@@ -159,15 +159,25 @@ def _dispatch(args) -> int:
 def _run(args) -> int:
     import tempfile
 
-    from app.launch import submit_run
+    from app.config import ConfigError, compose_config
+    from app.launch import RunTimeoutError, run_timeout, submit_run
 
-    output_dir = args.output_dir.resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
     overrides = [o for o in args.overrides if not o.startswith("federation.expected_nodes=")]
     overrides.append(f"federation.expected_nodes={args.nodes}")
+    try:  # a bad key fails here; and the run is bounded by federation.run_timeout_s
+        timeout_s = run_timeout(compose_config(args.experiment, overrides))
+    except ConfigError as exc:
+        raise DeployError(str(exc)) from None
+    output_dir = args.output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
     run_config = {"experiment": args.experiment, "overrides": " ".join(overrides), "output-dir": str(output_dir)}
     workdir = Path(tempfile.mkdtemp(prefix="deploy-run-"))
-    run_id, status = submit_run(_operator_env(args), run_config, None, workdir, connection=args.connection)
+    try:
+        run_id, status = submit_run(_operator_env(args), run_config, None, workdir, connection=args.connection,
+                                    timeout_s=timeout_s)
+    except RunTimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"run {run_id}: {status}")
     _results(output_dir, run_id)
     return 0 if status == "finished:completed" else 1

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from app.launch import PROJECT_DIR, flwr_env, free_port, submit_run
+from app.config import compose_config
+from app.launch import default_output_root, flwr_env, free_port, run_timeout, submit_run
 from app.outputs import read_metrics, summary_table
 from deploy.tooling import (
     Processes,
@@ -129,18 +130,20 @@ def run(deployment: dict, overrides: list[str], workdir: Path) -> tuple[int, str
     outputs = deployment["outputs"]
     outputs.mkdir(parents=True, exist_ok=True)
     run_config = {"experiment": "", "overrides": " ".join(overrides), "output-dir": str(outputs.resolve())}
-    run_id, status = submit_run(deployment["env"], run_config, None, workdir / "operator", connection=CONNECTION)
+    run_id, status = submit_run(deployment["env"], run_config, None, workdir / "operator", connection=CONNECTION,
+                                timeout_s=run_timeout(compose_config("", overrides)))
     run_dirs = sorted(outputs.glob(f"*-run{run_id}"))
     return run_id, status, (run_dirs[-1] if run_dirs else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.rehearsal", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="default: outputs/rehearsal-<time>")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="default: outputs/rehearsal-<time> (of the checkout, else of this directory)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the run")
     args = parser.parse_args(argv)
-    workdir = (args.workdir or PROJECT_DIR / "outputs" / f"rehearsal-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    workdir = (args.workdir or default_output_root() / f"rehearsal-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on `kill`, too
     t0 = time.perf_counter()

@@ -66,3 +66,47 @@ def node(pool):
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 0
     return Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": len(pool)},
                    state=RecordDict(), run_config={})
+
+
+# ------------------------------------------------------------------ independent oracles of the key split
+# Written out by hand from the BERT/RoBERTa architecture (not computed by app.model): what a sequence classifier's
+# body (keys relative to its base model) and head are, for the tiny RoBERTa and for MiniLM (BERT).
+ROBERTA_HEAD = {"classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
+                "classifier.out_proj.bias"}
+BERT_HEAD = {"classifier.weight", "classifier.bias"}
+_LAYER = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+          "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm"]
+
+
+def encoder_keys(layers: int, pooler: bool) -> set[str]:
+    """The state-dict keys of a BERT-style encoder with ``layers`` layers (and the pooler, if it has one)."""
+    keys = {f"embeddings.{name}" for name in ("word_embeddings.weight", "position_embeddings.weight",
+                                              "token_type_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")}
+    keys |= {f"encoder.layer.{i}.{module}.{p}" for i in range(layers) for module in _LAYER for p in ("weight", "bias")}
+    return keys | ({"pooler.dense.weight", "pooler.dense.bias"} if pooler else set())
+
+
+# tiny: 2 layers, its classifier's body has no pooler; MiniLM-L6: 6 layers, the pooler is body (app/model.py)
+SPLITS = {
+    "tiny": {"prefix": "roberta", "body": encoder_keys(2, pooler=False), "head": ROBERTA_HEAD},
+    "minilm": {"prefix": "bert", "body": encoder_keys(6, pooler=True), "head": BERT_HEAD},
+}
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    from app.model import resolve_model
+
+    return resolve_model({"name_or_path": "minilm"})
+
+
+@pytest.fixture(scope="session")
+def half_path(tiny_path, tmp_path_factory) -> str:
+    """The tiny model saved in float16 (a Hugging Face folder whose config declares dtype float16)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-float16")
+    AutoModel.from_pretrained(tiny_path).to(torch.float16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_path).save_pretrained(out)
+    return str(out)

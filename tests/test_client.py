@@ -2,24 +2,29 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
+    Context,
     Message,
     MessageType,
     RecordDict,
 )
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from app.client_app import app as client_app
 from app.client_app import node_task_entry
-from app.config import to_container
-from app.model import build_classifier, initial_body
+from app.config import compose_config, to_container
+from app.model import body_signature, initial_body, save_fused_model
 from app.server_app import round_configs
-from tasks.registry import entry_key, load_task_cached
+from strategies.coldfusion import ColdFusion
+from tasks.registry import entry_key
 from tasks.spec import TaskDataError
-from tests.conftest import model_json
+from tests.conftest import SPLITS, model_json
+from tests.inprocess import InProcessGrid
 
 
 def _train_message(cfg, pool, body, server_round, **recipe_overrides):
@@ -38,29 +43,100 @@ def test_query_reports_the_task_of_the_partition(tiny_cfg, pool, node):
     assert json.loads(str(answer["entry"]))["name"] == pool[2]["name"]
 
 
-def test_train_returns_the_body_only_and_keeps_its_head(tiny_cfg, tiny_path, pool, node):
-    body = initial_body(tiny_path)
-    reply = client_app(_train_message(tiny_cfg, pool, body, 1), node)
-    assert not reply.has_error(), reply.error
-    returned = reply.content["arrays"].to_torch_state_dict()
-    assert set(returned) == set(body)  # exactly the body keys: no head key leaves the node
-    assert not any(k.startswith("classifier") for k in returned)
-    assert any(not torch.equal(returned[k], body[k]) for k in body), "training changed nothing"
-    metrics = reply.content["metrics"]
-    assert metrics["num-examples"] == 5 * int(tiny_cfg.client.batch_size) and metrics["steps"] == 5
-    head_key = f"head:{pool[2]['name']}"
-    head1 = node.state[head_key].to_torch_state_dict()
-    assert head1 and all(k.startswith("classifier") for k in head1)
+def _minilm_cfg(tiny_cfg):
+    return compose_config("quick", [f"model.cache_dir={tiny_cfg.model.cache_dir}", "model=minilm",
+                                    "client.max_steps=2", "client.max_length=32", "client.lr=1e-4",
+                                    "tasks.train_size=200", "tasks.test_size=100"])
 
-    # round 2: the stored head is loaded (not re-initialised), then trained further
-    reply = client_app(_train_message(tiny_cfg, pool, body, 2), node)
+
+@pytest.mark.parametrize("name", ["tiny", "minilm"])
+def test_train_sends_exactly_the_body_and_keeps_exactly_the_head(name, tiny_cfg, pool, node, request):
+    """Per architecture, the keys of the actual train reply and of the head the node stored (hand-written oracle,
+    tests/conftest.py): RoBERTa keeps classifier.dense + out_proj and sends no pooler; BERT sends its pooler."""
+    cfg = tiny_cfg if name == "tiny" else _minilm_cfg(tiny_cfg)
+    path = request.getfixturevalue("tiny_path" if name == "tiny" else "minilm_path")
+    expected = SPLITS[name]
+    body = initial_body(path)
+    reply = client_app(_train_message(cfg, pool, body, 1), node)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content) == {"arrays", "metrics"}
+    returned = reply.content["arrays"].to_torch_state_dict()
+    assert set(returned) == expected["body"]
+    head = node.state[f"head:{pool[2]['name']}"].to_torch_state_dict()
+    assert set(head) == expected["head"]
+    # body (under the base model's prefix) and head are the whole classifier, as transformers builds it
+    config = AutoConfig.from_pretrained(path, num_labels=len(head["classifier.out_proj.bias" if name == "tiny"
+                                                                  else "classifier.bias"]))
+    whole = set(AutoModelForSequenceClassification.from_config(config).state_dict())
+    assert {f"{expected['prefix']}.{k}" for k in returned} | set(head) == whole
+    # what left was trained here, the whole body (BERT's pooler included), and no head tensor left under any name
+    assert all(not torch.equal(returned[k], body[k]) for k in ("embeddings.word_embeddings.weight",
+                                                                "encoder.layer.0.attention.self.query.weight"))
+    if name == "minilm":
+        assert not torch.equal(returned["pooler.dense.weight"], body["pooler.dense.weight"])
+    for tensor in head.values():
+        assert not any(t.shape == tensor.shape and torch.equal(t, tensor) for t in returned.values())
+    metrics = reply.content["metrics"]
+    steps = int(cfg.client.max_steps)
+    assert metrics["num-examples"] == steps * int(cfg.client.batch_size) and metrics["steps"] == steps
+
+
+def test_a_kept_head_is_exactly_the_head_stored_after_the_previous_round(tiny_cfg, tiny_path, pool, node):
+    """Round 2 trains with lr=0, so its model ends exactly where it started: the stored head must then be the
+    round-1 head bit for bit (a fresh head, or one that was never loaded, would differ from it)."""
+    body = initial_body(tiny_path)
+    head_key = f"head:{pool[2]['name']}"
+    fresh_node = Context(run_id=1, node_id=8, node_config=dict(node.node_config), state=RecordDict(), run_config={})
+    client_app(_train_message(tiny_cfg, pool, body, 1, lr=0.0), fresh_node)
+    fresh = fresh_node.state[head_key].to_torch_state_dict()  # the head round 1 starts from, untouched
+
+    client_app(_train_message(tiny_cfg, pool, body, 1), node)
+    head1 = node.state[head_key].to_torch_state_dict()
+    assert all(not torch.equal(head1[k], fresh[k]) for k in fresh), "round 1 did not train the head"
+    oracle = {k: v.numpy().copy() for k, v in head1.items()}
+
+    reply = client_app(_train_message(tiny_cfg, pool, body, 2, lr=0.0), node)
+    assert not reply.has_error(), reply.error
     head2 = node.state[head_key].to_torch_state_dict()
-    num_labels = load_task_cached(entry_key(pool[2]))[0].num_labels
-    fresh = build_classifier(tiny_path, num_labels, 0).state_dict()
-    assert any(not torch.equal(head2[k], head1[k]) for k in head1)
-    # after one more short round the head stays much closer to round 1's than a fresh one is
-    drift = sum((head2[k] - head1[k]).norm() for k in head1)
-    assert drift < sum((fresh[k] - head1[k]).norm() for k in head1 if k in fresh)
+    for key, value in oracle.items():
+        np.testing.assert_array_equal(head2[key].numpy(), value)
+    returned = reply.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(returned[k], body[k]) for k in body)  # lr=0 really froze the model
+
+
+def test_a_float16_model_keeps_its_dtype_through_a_round_and_saves_in_it(tiny_cfg, half_path, pool, tmp_path):
+    """Server start body -> the ClientApp's train handler on 3 nodes -> the strategy's validation and fusion ->
+    save_fused_model: float16 all the way, and the saved model loads in float16."""
+    cfg = compose_config("quick", [f"model.cache_dir={tiny_cfg.model.cache_dir}", f"model.name_or_path={half_path}",
+                                   "client.max_steps=3", "tasks.train_size=200", "tasks.test_size=100"])
+    contributing = [e for e in pool if e["role"] == "contributing"][:3]
+    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": 3} for i in range(3)])
+    start = initial_body(half_path)
+    assert {v.dtype for v in start.values()} == {torch.float16}
+    strategy = ColdFusion(pool=contributing, contributors_per_round=3, seed=0, eval_schedule={"probe": None},
+                          eval_start=False, query_config={"model": model_json(cfg)},
+                          body_signature=body_signature(start))  # the nodes' float16 layout must match it
+    train, evaluate = round_configs(cfg, model_json(cfg))
+    result = strategy.start(grid, ArrayRecord(start), num_rounds=1, timeout=60, train_config=train,
+                            evaluate_config=evaluate)
+    sent = [m.content["arrays"].to_torch_state_dict() for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    bodies = [r.content["arrays"].to_torch_state_dict() for r in grid.replies
+              if r.metadata.message_type == MessageType.TRAIN]
+    assert len(sent) == len(bodies) == 3 and all(not r.has_error() for r in grid.replies)
+    assert {v.dtype for b in sent + bodies for v in b.values()} == {torch.float16}
+    assert all(torch.isfinite(v).all() for b in bodies for v in b.values())
+    fused = result.arrays.to_torch_state_dict()
+    assert {v.dtype for v in fused.values()} == {torch.float16}
+    for key in start:  # the uniform mean of the float16 replies, computed in numpy
+        oracle = np.mean([b[key].numpy().astype(np.float64) for b in bodies], axis=0)
+        np.testing.assert_allclose(fused[key].numpy().astype(np.float64), oracle, rtol=2 ** -10, atol=1e-7)
+    assert any(not torch.equal(fused[k], start[k]) for k in start)
+
+    out = save_fused_model(half_path, fused, tmp_path / "model")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    saved = AutoModel.from_pretrained(out).state_dict()
+    assert {v.dtype for v in saved.values()} == {torch.float16}
+    assert all(torch.equal(saved[k], fused[k]) for k in fused)
 
 
 def test_reinit_policy_starts_each_round_from_a_fresh_head(tiny_cfg, tiny_path, pool, node):

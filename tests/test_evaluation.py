@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
-import torch
 from datasets import Dataset, DatasetDict
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
@@ -13,7 +13,6 @@ from app.client_app import app as client_app
 from app.config import compose_config, to_container
 from app.evaluation import finetune_view, probe_view, view_recipe
 from app.model import (
-    body_state,
     build_classifier,
     initial_body,
     load_body,
@@ -176,13 +175,26 @@ def test_view_recipe_takes_the_contributor_recipe_with_the_views_budget(tiny_cfg
     assert recipe["lr"] == tiny_cfg.client.lr and recipe["max_steps"] == 7 and recipe["early_stopping"] == STOPPING
 
 
-def test_probe_view_and_body_round_trip(tiny_cfg, tiny_path, pool):
-    """The finetune view must not touch the body it was given (each view builds its own model)."""
+def test_the_finetune_view_leaves_the_body_it_was_sent_untouched(tiny_cfg, tiny_path, pool, node):
+    """The finetune view trains a model loaded with the body: the body itself must not change (it is copied in),
+    and a probe that runs after the finetune view on the same message scores the body as sent."""
     entry = pool[0]
     info, tokenizer, data = _task(tiny_cfg, tiny_path, entry)
+    body = initial_body(tiny_path)
+    oracle = {k: v.numpy().copy() for k, v in body.items()}  # an independent copy of the values sent
     model = build_classifier(tiny_path, info.num_labels, 0)
-    body = {k: v.clone() for k, v in body_state(model).items()}
-    other = build_classifier(tiny_path, info.num_labels, 0)
-    load_body(other, body)
-    finetune_view(other, info, tokenizer, data, to_container(tiny_cfg, "eval"), to_container(tiny_cfg, "client"), 0, "cpu")
-    assert all(torch.equal(body[k], body_state(model)[k]) for k in body)
+    load_body(model, body)
+    finetune_view(model, info, tokenizer, data, to_container(tiny_cfg, "eval"), to_container(tiny_cfg, "client"), 0, "cpu")
+    trained = model.base_model.state_dict()
+    assert any(not np.array_equal(trained[k].numpy(), oracle[k]) for k in oracle), "the finetune view trained nothing"
+    for key, value in body.items():
+        np.testing.assert_array_equal(value.numpy(), oracle[key])
+
+    # through the handler: "finetune,probe" runs the finetune view first; its probe must equal a probe alone
+    def probe_scores(views):
+        reply = client_app(_evaluate_message(tiny_cfg, tiny_path, entry, views), node)
+        assert not reply.has_error(), reply.error
+        return {k: v for k, v in reply.content["metrics"].items() if k.startswith("probe.")}
+
+    after_finetune, alone = probe_scores("finetune,probe"), probe_scores("probe")
+    assert after_finetune and after_finetune == alone

@@ -27,14 +27,18 @@ def test_uniform_mean_matches_numpy_oracle():
     np.testing.assert_allclose(fused["b"].float().numpy(), oracle_b, atol=1e-3)
 
 
-def test_uniform_mean_is_not_weighted_and_ignores_order():
+def test_uniform_mean_counts_each_contribution_once_in_any_order():
+    """Each contribution counts once (a duplicate twice), in any order: a float64 numpy oracle. That fusion ignores
+    the contributors' example counts is checked where those exist, in the strategy
+    (tests/test_strategy.py::test_fusion_is_uniform_whatever_the_example_counts)."""
     bodies = _bodies(3, seed=1)
-    a = uniform_mean(bodies)
-    b = uniform_mean(bodies[::-1])
-    torch.testing.assert_close(a["w"], b["w"])
-    # each contributor counts once: the mean of two identical bodies and a third is not the plain pair mean
-    twice = uniform_mean([bodies[0], bodies[0], bodies[1]])
-    torch.testing.assert_close(twice["w"], (2 * bodies[0]["w"] + bodies[1]["w"]) / 3)
+    oracle = np.mean([b["w"].numpy().astype(np.float64) for b in bodies], axis=0)
+    for order in (bodies, bodies[::-1], [bodies[1], bodies[2], bodies[0]]):
+        np.testing.assert_allclose(uniform_mean(order)["w"].numpy(), oracle, rtol=1e-6, atol=1e-7)
+    twice = uniform_mean([bodies[0], bodies[0], bodies[1]])["w"].numpy()
+    w0, w1 = bodies[0]["w"].numpy().astype(np.float64), bodies[1]["w"].numpy().astype(np.float64)
+    np.testing.assert_allclose(twice, (2 * w0 + w1) / 3, rtol=1e-6, atol=1e-7)
+    assert np.abs(twice - (w0 + w1) / 2).max() > 1e-3  # not the mean of the distinct bodies
 
 
 def test_integer_buffers_come_from_the_base_untouched():

@@ -1,21 +1,28 @@
-"""Model building and the generic body/head split, on the tiny model and on a real pretrained BERT."""
+"""Model building, the body/head split declared per architecture (KEY_LAYOUTS), dtypes, and the saved fused model."""
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+import app.model
 from app.model import (
+    DEFAULT_LAYOUT,
+    KEY_LAYOUTS,
     ModelLoadError,
     body_state,
     build_classifier,
     build_tiny_model,
+    check_layout,
     head_state,
     initial_body,
     load_body,
+    load_head,
     load_tokenizer,
     resolve_model,
     save_fused_model,
 )
+from tests.conftest import SPLITS
 
 
 def test_tiny_model_is_cached_and_deterministic(tiny_cfg, tiny_path, tmp_path):
@@ -35,14 +42,60 @@ def test_tiny_tokenizer_encodes_pairs_roberta_style(tiny_path):
 
 
 @pytest.mark.parametrize("name", ["tiny", "minilm"])
-def test_body_and_head_split_is_generic(name, tiny_cfg):
+def test_body_and_head_are_the_declared_keys(name, tiny_cfg):
+    """RoBERTa: body = the encoder without pooler, head = classifier.dense + out_proj; BERT: pooler in the body."""
     path = resolve_model({**dict(tiny_cfg.model), "name_or_path": name})
+    expected = SPLITS[name]
     model = build_classifier(path, 3, head_seed=0)
     body, head = body_state(model), head_state(model)
-    prefix = model.base_model_prefix + "."
-    assert set(body) == {k[len(prefix):] for k in model.state_dict() if k.startswith(prefix)}
-    assert head and not any(k.startswith(prefix) for k in head)
-    assert len(body) + len(head) == len(model.state_dict())
+    assert set(body) == expected["body"]  # hand-written oracle (tests/conftest.py)
+    assert set(head) == expected["head"]
+    # together they are the whole model, each key once
+    assert {f"{expected['prefix']}.{k}" for k in body} | set(head) == set(model.state_dict())
+    for key, tensor in body.items():  # copies of the model's own tensors, not views into it
+        live = model.state_dict()[f"{expected['prefix']}.{key}"]
+        assert torch.equal(tensor, live) and tensor.data_ptr() != live.data_ptr()
+
+
+# model_type -> the keys (relative to the base model) AutoModel adds to / lacks from the classifier's body, in
+# transformers itself. KEY_LAYOUTS must declare exactly these; the default rule must hold for the others.
+def _observed_difference(model_type: str) -> tuple[set[str], set[str], str]:
+    kwargs = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    if model_type == "distilbert":
+        kwargs = dict(dim=32, n_layers=1, n_heads=2, hidden_dim=37, vocab_size=99)
+    if model_type == "albert":
+        kwargs["embedding_size"] = 16
+    try:
+        config = AutoConfig.for_model(model_type, **kwargs)
+    except ValueError:
+        pytest.skip(f"this transformers has no model_type '{model_type}'")
+    config.num_labels = 3
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(config)
+        automodel = AutoModel.from_config(config)
+    prefix = classifier.base_model_prefix + "."
+    base = {k[len(prefix):] for k in classifier.state_dict() if k.startswith(prefix)}
+    full = set(automodel.state_dict())
+    return full - base, base - full, classifier.base_model_prefix
+
+
+@pytest.mark.parametrize("model_type", sorted(KEY_LAYOUTS) + ["distilbert", "electra", "deberta-v2", "albert"])
+def test_key_layouts_declare_exactly_what_transformers_does(model_type):
+    adds, lacks, _ = _observed_difference(model_type)
+    layout = KEY_LAYOUTS.get(model_type, DEFAULT_LAYOUT)
+    assert adds == {k for k in adds if k.startswith(layout.automodel_adds)} and (adds or not layout.automodel_adds)
+    assert lacks == {k for k in lacks if k.startswith(layout.automodel_lacks)} and (lacks or not layout.automodel_lacks)
+    if model_type in ("roberta", "xlm-roberta"):
+        assert adds == {"pooler.dense.weight", "pooler.dense.bias"} and not lacks
+    if model_type == "bert":
+        assert not adds and not lacks  # the pooler is in BertForSequenceClassification's base model: body
+
+
+def test_an_undeclared_architecture_difference_fails_when_the_run_starts(tiny_path, monkeypatch):
+    check_layout(tiny_path)  # RoBERTa's pooler is declared
+    monkeypatch.delitem(app.model.KEY_LAYOUTS, "roberta")
+    with pytest.raises(ModelLoadError, match=r"'roberta'.*pooler\.dense.*KEY_LAYOUTS"):
+        initial_body(tiny_path)
 
 
 def test_fresh_heads_are_explicit_and_seeded(tiny_path):
@@ -54,21 +107,87 @@ def test_fresh_heads_are_explicit_and_seeded(tiny_path):
 def test_load_body_refuses_a_body_that_does_not_fit(tiny_path):
     model = build_classifier(tiny_path, 2, 0)
     body = body_state(model)
-    body.pop(next(iter(body)))
-    with pytest.raises(ValueError, match="missing"):
-        load_body(model, body)
+    with pytest.raises(ValueError, match=r"missing \['embeddings.LayerNorm.bias'\]"):
+        load_body(model, {k: v for k, v in body.items() if k != "embeddings.LayerNorm.bias"})
+    with pytest.raises(ValueError, match=r"unexpected \['pooler.dense.bias'\]"):
+        load_body(model, {**body, "pooler.dense.bias": torch.zeros(64)})
+    with pytest.raises(ValueError, match="'embeddings.LayerNorm.bias' is torch.float64, the model's is torch.float32"):
+        load_body(model, {**body, "embeddings.LayerNorm.bias": body["embeddings.LayerNorm.bias"].double()})
+    with pytest.raises(ValueError, match="stored head does not fit"):
+        load_head(model, {k: v for k, v in head_state(model).items() if k != "classifier.dense.bias"})
 
 
-def test_pretrained_minilm_body_round_trips_and_saves(tmp_path, tiny_cfg):
-    path = resolve_model({"name_or_path": "minilm"})
-    body = initial_body(path)
-    model = build_classifier(path, 2, 0)
+def test_load_body_and_head_copy_exact_values(tiny_path):
+    model = build_classifier(tiny_path, 3, 0)
+    g = torch.Generator().manual_seed(0)
+    body = {k: torch.randn(v.shape, generator=g) for k, v in body_state(model).items()}
+    head = {k: torch.randn(v.shape, generator=g) for k, v in head_state(model).items()}
+    oracle = {k: v.numpy().copy() for k, v in {**body, **head}.items()}
+    load_body(model, body)
+    load_head(model, head)
+    state = model.state_dict()
+    for key, value in body.items():
+        np.testing.assert_array_equal(state[f"roberta.{key}"].numpy(), oracle[key])
+    for key in head:
+        np.testing.assert_array_equal(state[key].numpy(), oracle[key])
+
+
+def test_pretrained_minilm_body_round_trips_and_saves(tmp_path, minilm_path):
+    body = initial_body(minilm_path)
+    model = build_classifier(minilm_path, 2, 0)
     load_body(model, body)
     assert all(torch.equal(model.base_model.state_dict()[k], body[k]) for k in body)
-    out = save_fused_model(path, body, tmp_path / "fused")
-    reloaded = AutoModel.from_pretrained(out)
-    assert all(torch.equal(reloaded.state_dict()[k], body[k]) for k in body)
+    fused = {k: v + 0.5 for k, v in body.items()}  # a body unlike the start model's, pooler included
+    out = save_fused_model(minilm_path, fused, tmp_path / "fused")
+    reloaded = AutoModel.from_pretrained(out).state_dict()
+    assert set(reloaded) == set(body)  # BERT: AutoModel is exactly the body (the pooler is body)
+    assert all(torch.equal(reloaded[k], fused[k]) for k in body)
     assert load_tokenizer(str(out))("hello")["input_ids"]
+
+
+def test_saved_roberta_model_keeps_the_start_pooler_and_the_fused_body(tiny_path, tmp_path):
+    body = initial_body(tiny_path)
+    fused = {k: v * 2 for k, v in body.items()}
+    reloaded = AutoModel.from_pretrained(save_fused_model(tiny_path, fused, tmp_path / "m")).state_dict()
+    start = AutoModel.from_pretrained(tiny_path).state_dict()
+    assert set(reloaded) - set(fused) == {"pooler.dense.weight", "pooler.dense.bias"}
+    assert all(torch.equal(reloaded[k], fused[k]) for k in fused)
+    assert all(torch.equal(reloaded[k], start[k]) for k in ("pooler.dense.weight", "pooler.dense.bias"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b: b.pop("encoder.layer.1.output.dense.weight"), r"missing 1 key\(s\) \['encoder.layer.1.output.dense.weight'\]"),
+    (lambda b: b.update({"encoder.layer.9.output.dense.bias": torch.zeros(64)}),
+     r"unexpected 1 \['encoder.layer.9.output.dense.bias'\]"),
+    (lambda b: b.update({"embeddings.LayerNorm.bias": b["embeddings.LayerNorm.bias"].half()}),
+     "'embeddings.LayerNorm.bias' is torch.float16, the model stores torch.float32"),
+    (lambda b: b.update({"embeddings.LayerNorm.bias": torch.zeros(3)}), r"has shape \(3,\)"),
+], ids=["lost", "extra", "cast", "reshaped"])
+def test_saving_a_fused_body_with_a_lost_extra_or_cast_key_fails_loudly(tiny_path, tmp_path, change, message):
+    body = initial_body(tiny_path)
+    change(body)
+    with pytest.raises(ValueError, match=message):
+        save_fused_model(tiny_path, body, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_half_precision_model_keeps_its_dtype_and_trains_in_float32(half_path):
+    body = initial_body(half_path)
+    assert {v.dtype for v in body.values()} == {torch.float16}
+    model = build_classifier(half_path, 3, 0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights on the node
+    load_body(model, body)
+    sent = body_state(model)
+    assert all(sent[k].dtype == torch.float16 and torch.equal(sent[k], body[k]) for k in body)  # lossless round trip
+    with pytest.raises(ValueError, match="is torch.float32, the model's is torch.float16"):
+        load_body(model, {k: v.float() for k, v in body.items()})
+
+
+def test_a_bfloat16_model_is_refused_at_the_start_with_the_reason(tiny_path, tmp_path):
+    AutoModel.from_pretrained(tiny_path).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    load_tokenizer(tiny_path).save_pretrained(tmp_path / "bf16")
+    with pytest.raises(ModelLoadError, match="bfloat16, which a Flower ArrayRecord cannot carry"):
+        initial_body(str(tmp_path / "bf16"))
 
 
 def test_a_model_path_that_does_not_load_is_named(tmp_path):

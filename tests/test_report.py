@@ -62,7 +62,7 @@ def _write_run(path: Path, records: list[dict], name_or_path: str = "FacebookAI/
         "model": {"name_or_path": name_or_path},
         "rounds": 2, "contributors_per_round": 2, "seed": 0,
         "client": {"lr": 5e-5, "batch_size": 16, "max_steps": 60, "epochs": None, "head_policy": "reinit"},
-        "eval": {"probe": {"every": 1, "pooling": "mean"}, "finetune": {"every": 2, "max_steps": 30}},
+        "eval": {"probe": {"every": 1, "C": 1.0}, "finetune": {"every": 2, "max_steps": 30}},
         "tasks": {"kind": "catalog", "contributing": ["sst2", "stsb"], "heldout": ["rte", "wnli"]},
     })
     OmegaConf.save(cfg, path / "config.yaml")
@@ -135,13 +135,14 @@ def test_report_states_gains_baselines_and_verdicts(run_dir, baseline_dir, tmp_p
     assert "| task | role | metric | start | final | gain | multitask |" in text
     assert "Improved over the start model: 4 of 4 tasks (seen 2 of 2, unseen 2 of 2)." in text
     assert "Improved over the start model: 2 of 4 tasks (seen 2 of 2, unseen 0 of 2)." in text
-    assert ("Linear probe (ColD-Frozen): the fused model beats the start model on held-out datasets by +6.0 points"
+    assert ("Linear probe, first token (ColD-Frozen): the fused model beats the start model on held-out datasets by +6.0 points"
             in text)
     assert ("Full finetune (ColD): the fused model does not beat the start model on held-out datasets "
             "(-1.5 points" in text)
     # per-round table: finetune columns empty at round 1, filled at rounds 0 and 2
-    assert _row(text, "1") == [["1", "2", "70.0", "48.0", "-", "-", ""]]
-    assert _row(text, "2")[0][:6] == ["2", "2", "75.0", "51.0", "82.0", "53.5"]
+    # (columns: probe seen/unseen, mean-pool probe seen/unseen, finetune seen/unseen; this run has no mean-pool)
+    assert _row(text, "1") == [["1", "2", "70.0", "48.0", "-", "-", "-", "-", ""]]
+    assert _row(text, "2")[0][:8] == ["2", "2", "75.0", "51.0", "-", "-", "82.0", "53.5"]
     # run facts and embedded plots
     assert "mnli (contributing: not found under data_root)" in text
     assert "Seen (contributing) datasets (2): sst2, stsb" in text
@@ -153,7 +154,7 @@ def test_report_states_gains_baselines_and_verdicts(run_dir, baseline_dir, tmp_p
 def test_report_of_a_run_with_only_round_zero_has_no_gain_plot_and_no_verdict(baseline_dir, tmp_path):
     text = write_report(baseline_dir, out_dir=tmp_path / "r").read_text()
     assert not (tmp_path / "r" / "task_gain.png").exists() and "task_gain.png" not in text
-    assert "Linear probe (ColD-Frozen): not evaluated at round 0 and at a later round" in text
+    assert "Linear probe, first token (ColD-Frozen): not evaluated at round 0 and at a later round" in text
     assert _row(text, "sst2")[0][3:6] == ["72.0", "72.0", "+0.0"]
     assert "Few-shot: held-out datasets evaluated with k=100 training examples" in text
 
@@ -181,7 +182,7 @@ def test_model_card_has_hub_header_and_measured_scores(run_dir):
               if r["task"]["name"].startswith("Linear probe")}
     assert values == {"seen datasets (contributing)": 75.0, "unseen datasets (heldout)": 51.0}
     body = text.split("---\n", 2)[2]
-    assert "| Linear probe (ColD-Frozen) | unseen | 45.0 | 51.0 | 2 | +6.0 |" in body
+    assert "| Linear probe, first token (ColD-Frozen) | unseen | 45.0 | 51.0 | 2 | +6.0 |" in body
     assert "| Full finetune (ColD) | unseen | 55.0 | 53.5 | 2 | -1.5 |" in body
     assert "no task heads" in body and "Rounds done: 2" in body and "mnli (contributing: absent)" in body
     assert f'AutoModel.from_pretrained("{run_dir / "model"}")' in body
@@ -234,3 +235,40 @@ def test_cli_baseline_without_metrics_exit_2(run_dir, tmp_path, capsys):
     assert main([str(run_dir), "--baseline", f"fused={empty}"]) == 2
     err = capsys.readouterr().err
     assert "baseline 'fused'" in err and str(empty / "metrics.jsonl") in err
+
+
+def test_final_figures_describe_the_saved_model_when_the_last_round_was_rolled_back(tmp_path):
+    """Round 2 was rolled back: the saved model is round 1's base. Its probe scores are round 1's; the finetune
+    view scored round 0 and the undone round-2 base only, so it has no final score for the saved model."""
+    rolled = _record(2, {"sst2": 0.10, "stsb": 0.10, "rte": 0.10, "wnli": 0.10},
+                     {"sst2": 0.20, "stsb": 0.20, "rte": 0.20, "wnli": 0.20}, ["stsb", "sst2"])
+    rolled.update(rolled_back=True, base_round=1)
+    records = [_record(0, PROBE[0], FINETUNE[0], []) | {"base_round": 0},
+               _record(1, PROBE[1], {}, ["sst2", "stsb"]) | {"base_round": 1}, rolled]
+    run = _write_run(tmp_path / "run", records)
+    text = write_report(run).read_text()
+    # probe: start 60/45 (seen/unseen) -> final = round 1 (70/48), never the rolled-back 10
+    assert "start (round 0) vs final (round 1, the saved model)" in text
+    assert _row(text, "**mean unseen**")[0][3:6] == ["45.0", "48.0", "+3.0"]
+    assert "+6.0" not in text.split("## Per task")[1].split("###")[1]  # round 2's figures are not "final"
+    assert "final n/a (no round scored the saved model in this view)" in text
+    assert "Full finetune (ColD): n/a: no round scored the saved model" in text
+    assert "The saved model is the base produced in round 1" in text
+    card = write_model_card(run / "model", OmegaConf.load(run / "config.yaml"), records).read_text()
+    meta = _card_header(card)
+    values = {(r["task"]["name"], r["dataset"]["name"]): r["metrics"][0] for r in meta["model-index"][0]["results"]}
+    assert values[("Linear probe, first token (ColD-Frozen)", "unseen datasets (heldout)")]["value"] == 48.0
+    assert "round 1" in values[("Linear probe, first token (ColD-Frozen)", "unseen datasets (heldout)")]["name"]
+    assert not any(name.startswith("Full finetune") for name, _ in values)
+    assert "| Full finetune (ColD) | unseen | 55.0 | n/a (saved model not scored) | - | - |" in card
+
+
+def test_older_records_without_base_round_derive_it():
+    from app.report import base_rounds, saved_model_record
+
+    records = [{"round": 0, "fused": False}, {"round": 1, "fused": True},
+               {"round": 2, "fused": True, "rolled_back": True, "probe": {"a": 1.0}},
+               {"round": 3, "fused": False, "probe": {"a": 0.5}}]
+    assert base_rounds(records) == [0, 1, 1, 1]
+    assert saved_model_record(records, "probe")["round"] == 3  # round 3 did not fuse: it scored round 1's base
+    assert saved_model_record(records[:3], "probe") is None  # only the undone base was scored

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Error, Message, MessageType
@@ -16,10 +17,17 @@ from strategies.coldfusion import (
     check_consistent_tasks,
     wait_for_nodes,
 )
-from strategies.fusion import uniform_mean
 from tasks.spec import TaskInfo
 from tests.conftest import model_json
 from tests.inprocess import InProcessGrid
+
+
+def assert_uniform_mean(fused, bodies) -> None:
+    """``fused`` is the plain (unweighted) mean of ``bodies``, key by key: a float64 numpy oracle."""
+    assert set(fused) == set(bodies[0])
+    for key, tensor in fused.items():
+        oracle = np.mean([b[key].numpy().astype(np.float64) for b in bodies], axis=0)
+        np.testing.assert_allclose(tensor.numpy().astype(np.float64), oracle, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def _configs(cfg):
@@ -50,11 +58,10 @@ def test_rounds_sample_contributors_fuse_uniformly_and_evaluate_everyone(tiny_cf
         assert not heldout & set(record.contributors), "a held-out task was trained on"
         assert record.fused and not record.failures
         assert set(record.probe) == {e["name"] for e in pool}  # every node evaluated, every round
-    # the final base is exactly the uniform mean of round 2's returned bodies
+    # the final base is the uniform mean of round 2's returned bodies, computed independently in numpy
     round2 = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN][-4:]
-    expected = uniform_mean([r.content["arrays"].to_torch_state_dict() for r in round2])
     final = result.arrays.to_torch_state_dict()
-    assert all(torch.allclose(final[k], expected[k]) for k in expected)
+    assert_uniform_mean(final, [r.content["arrays"].to_torch_state_dict() for r in round2])
     assert any(not torch.equal(final[k], start.to_torch_state_dict()[k]) for k in final)
     # only contributing nodes ever received a train message
     trained = {strategy.nodes[m.metadata.dst_node_id].name for m in grid.sent
@@ -141,3 +148,28 @@ def test_backtracking_rolls_back_a_round_that_hurts_the_monitored_score(tiny_cfg
     _, _, records, _, result = _run(tiny_cfg, small_pool, tiny_path, client=harmed, rounds=1)
     assert not records[1].rolled_back
     assert any(not torch.equal(result.arrays.to_torch_state_dict()[k], initial[k]) for k in initial)
+
+
+def test_fusion_is_uniform_whatever_the_example_counts(tiny_cfg, small_pool, tiny_path):
+    """The paper's fusion counts every contributor once; FedAvg would weight by num-examples. The replies here say
+    1, 10, 100 and 1000 examples: the base must be the plain mean, which differs from the weighted one."""
+    counts = iter([1, 10, 100, 1000])
+
+    def uneven(message, context):
+        reply = client_app(message, context)
+        if message.metadata.message_type == MessageType.TRAIN:
+            reply.content["metrics"]["num-examples"] = next(counts)
+        return reply
+
+    grid, _, records, _, result = _run(tiny_cfg, small_pool, tiny_path, client=uneven, rounds=1,
+                                       eval_schedule={"probe": None})
+    replies = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN]
+    assert len(replies) == 4 and records[1].fused and len(records[1].fused_contributors) == 4
+    assert sorted(r.content["metrics"]["num-examples"] for r in replies) == [1, 10, 100, 1000]
+    bodies = [r.content["arrays"].to_torch_state_dict() for r in replies]
+    final = result.arrays.to_torch_state_dict()
+    assert_uniform_mean(final, bodies)
+    weights = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=np.float64)
+    key = "encoder.layer.0.attention.self.query.weight"
+    weighted = np.average([b[key].numpy().astype(np.float64) for b in bodies], axis=0, weights=weights)
+    assert np.abs(final[key].numpy() - weighted).max() > 1e-4, "the oracle cannot tell the two means apart"

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -136,13 +135,6 @@ def test_vocabulary_and_corpus():
     assert len(corpus) == 300
     assert set(" ".join(corpus).split()) == set(vocab)
     assert corpus == synthetic_corpus(num_sentences=300)
-
-
-def test_generation_is_fast():
-    load_synthetic("syn28_sent_relation", seed=2, train_size=10, test_size=10)  # warm imports
-    start = time.perf_counter()
-    load_synthetic("syn28_sent_relation", seed=2, train_size=1000, test_size=500)
-    assert time.perf_counter() - start < 0.5
 
 
 def _bow_accuracy(name: str) -> tuple[float, float]:

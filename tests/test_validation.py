@@ -27,12 +27,12 @@ def _honest(base, i, size=0.01):
 
 
 def _contributions(base, n=5):
-    return [Contribution(node_id=i, task=f"t{i}", round=3, body=_honest(base, i)) for i in range(n)]
+    return [Contribution(node_id=i, label=f"t{i}", round=3, body=_honest(base, i)) for i in range(n)]
 
 
 def test_good_contributions_pass_and_norms_are_reported():
     base = _base()
-    valid, rejected, norms = screen(_contributions(base), base, 3, max_update_norm=10, max_relative_norm=5)
+    valid, rejected, norms, _ = screen(_contributions(base), base, 3, max_update_norm=10, max_relative_norm=5)
     assert len(valid) == 5 and not rejected
     assert norms["t0"] == pytest.approx(update_norm(valid[0].body, base))
     assert 0 < norms["t0"] < 1
@@ -50,8 +50,8 @@ def test_each_structural_fault_is_rejected_with_its_reason(corrupt, reason):
     base = _base()
     contributions = _contributions(base)
     corrupt(contributions[2].body)
-    valid, rejected, _ = screen(contributions, base, 3)
-    assert [r.task for r in rejected] == ["t2"] and reason in rejected[0].reason
+    valid, rejected, _, _ = screen(contributions, base, 3)
+    assert [r.label for r in rejected] == ["t2"] and reason in rejected[0].reason
     assert len(valid) == 4
 
 
@@ -61,13 +61,13 @@ def test_scaled_updates_are_rejected_by_absolute_and_relative_bounds():
     scaled = {k: base[k] + 100 * (v - base[k]) if v.is_floating_point() else v
               for k, v in contributions[1].body.items()}
     contributions[1] = Contribution(1, "t1", 3, scaled)
-    _, rejected, _ = screen(contributions, base, 3, max_relative_norm=5)
-    assert [r.task for r in rejected] == ["t1"] and "x the median of the others" in rejected[0].reason
-    _, rejected, _ = screen(contributions, base, 3, max_update_norm=1.0)
-    assert [r.task for r in rejected] == ["t1"] and "> max_update_norm" in rejected[0].reason
-    # with two contributions the leave-one-out median still singles out the outlier
-    _, rejected, _ = screen(contributions[:2], base, 3, max_relative_norm=5)
-    assert [r.task for r in rejected] == ["t1"]
+    _, rejected, _, _ = screen(contributions, base, 3, max_relative_norm=5)
+    assert [r.label for r in rejected] == ["t1"] and "x the reference norm" in rejected[0].reason
+    _, rejected, _, _ = screen(contributions, base, 3, max_update_norm=1.0)
+    assert [r.label for r in rejected] == ["t1"] and "> max_update_norm" in rejected[0].reason
+    # with two contributions the leave-one-out median still singles out the outlier (min_peers=1)
+    _, rejected, _, _ = screen(contributions[:2], base, 3, max_relative_norm=5, min_peers=1)
+    assert [r.label for r in rejected] == ["t1"]
 
 
 def test_wrong_round_and_duplicate_replies_are_rejected():
@@ -75,10 +75,10 @@ def test_wrong_round_and_duplicate_replies_are_rejected():
     contributions = _contributions(base, 3)
     contributions.append(Contribution(0, "t0", 3, _honest(base, 9)))  # node 0 answers twice
     contributions.append(Contribution(7, "t7", 2, _honest(base, 7)))  # an answer to round 2
-    valid, rejected, _ = screen(contributions, base, 3)
-    reasons = {r.task: r.reason for r in rejected}
+    valid, rejected, _, _ = screen(contributions, base, 3)
+    reasons = {r.label: r.reason for r in rejected}
     assert reasons == {"t0": "second reply from the same node in this round", "t7": "reply for round 2, expected 3"}
-    assert [c.task for c in valid] == ["t0", "t1", "t2"]
+    assert [c.label for c in valid] == ["t0", "t1", "t2"]
 
 
 def test_fusion_over_a_mix_equals_the_mean_of_the_good_ones():
@@ -87,8 +87,8 @@ def test_fusion_over_a_mix_equals_the_mean_of_the_good_ones():
     contributions[0].body["w"][0, 0] = float("nan")
     contributions[3] = Contribution(3, "t3", 3, {k: base[k] + 100 * (v - base[k]) if v.is_floating_point() else v
                                                  for k, v in contributions[3].body.items()})
-    valid, rejected, _ = screen(contributions, base, 3, max_relative_norm=5)
-    assert sorted(r.task for r in rejected) == ["t0", "t3"]
+    valid, rejected, _, _ = screen(contributions, base, 3, max_relative_norm=5)
+    assert sorted(r.label for r in rejected) == ["t0", "t3"]
     fused = uniform_mean([c.body for c in valid], base=base)
     good = [contributions[i].body for i in (1, 2, 4)]
     torch.testing.assert_close(fused["w"], sum(b["w"] for b in good) / 3)
@@ -101,3 +101,70 @@ def test_structural_problem_and_assert_finite_name_the_key():
     bad = {**base, "w": torch.full((8, 4), math.inf)}
     with pytest.raises(ValueError, match="fused: 'w' contains non-finite values"):
         assert_finite(bad, "fused")
+
+
+def _scaled(base, body, factor):
+    return {k: base[k] + factor * (v - base[k]) if v.is_floating_point() else v for k, v in body.items()}
+
+
+def _norm(base, body):  # independent oracle: numpy over the flattened float tensors
+    import numpy as np
+
+    return float(np.sqrt(sum(((body[k].double() - base[k].double()).numpy() ** 2).sum()
+                             for k in base if base[k].is_floating_point())))
+
+
+def test_relative_rule_with_one_contribution_uses_the_last_fused_round_or_says_it_cannot_judge():
+    base = _base()
+    (alone,) = _contributions(base, 1)
+    honest = _norm(base, alone.body)
+    # no reference yet: the rule cannot judge, the contribution passes and the note says why
+    valid, rejected, _, notes = screen([alone], base, 3, max_relative_norm=5)
+    assert [c.label for c in valid] == ["t0"] and not rejected
+    assert notes == ["t0: relative norm rule not applied (0 peer norm(s) < validation.min_peers=2)"]
+    # with the last fused round's norms as reference, a 10x update alone is caught, an honest one passes
+    big = Contribution(0, "t0", 3, _scaled(base, alone.body, 10))
+    _, rejected, norms, notes = screen([big], base, 3, max_relative_norm=5, reference_norms=[honest, honest * 1.1])
+    assert [r.label for r in rejected] == ["t0"] and not notes
+    assert f"median of 2 peers" in rejected[0].reason and norms["t0"] == pytest.approx(10 * honest, rel=1e-6)
+    valid, rejected, _, _ = screen([alone], base, 3, max_relative_norm=5, reference_norms=[honest, honest * 1.1])
+    assert len(valid) == 1 and not rejected
+
+
+def test_relative_rule_catches_two_colluders_in_a_round_of_two_through_the_reference_norms():
+    base = _base()
+    honest = _contributions(base, 2)
+    crafted = _scaled(base, honest[0].body, 8)
+    colluders = [Contribution(0, "t0", 3, crafted), Contribution(1, "t1", 3, {k: v.clone() for k, v in crafted.items()})]
+    # judged only against each other, they pass (the weakness of a leave-one-out median of two)...
+    valid, rejected, _, _ = screen(colluders, base, 3, max_relative_norm=5, min_peers=1)
+    assert len(valid) == 2 and not rejected
+    # ...but with the last fused round's honest norms among the peers, both are rejected
+    reference = [_norm(base, c.body) for c in _contributions(base, 5)]
+    valid, rejected, _, _ = screen(colluders, base, 3, max_relative_norm=5, reference_norms=reference)
+    assert not valid and sorted(r.label for r in rejected) == ["t0", "t1"]
+
+
+def test_relative_rule_with_many_contributions_and_a_median_of_zero():
+    base = _base()
+    contributions = _contributions(base, 6)
+    contributions[5] = Contribution(5, "t5", 3, _scaled(base, contributions[5].body, 6))
+    _, rejected, norms, _ = screen(contributions, base, 3, max_relative_norm=5)
+    assert [r.label for r in rejected] == ["t5"]
+    import statistics
+
+    others = [_norm(base, c.body) for c in contributions[:5]]
+    assert norms["t5"] > 5 * statistics.median(others)
+    # peers that sent the base back unchanged (norm 0) carry no scale: they are left out of the median, so a
+    # real update is not rejected for being larger than nothing
+    lazy = [Contribution(i, f"z{i}", 3, {k: v.clone() for k, v in base.items()}) for i in range(10, 14)]
+    real = _contributions(base, 3)
+    valid, rejected, norms, _ = screen([*lazy, *real], base, 3, max_relative_norm=5)
+    assert not rejected and len(valid) == 7 and norms["z10"] == 0.0
+    # all peers unchanged and no history: the floor (min_reference_norm) is the reference
+    (one,) = _contributions(base, 1)
+    _, rejected, _, notes = screen([*lazy, one], base, 3, max_relative_norm=5, reference_norms=[0.0])
+    assert not rejected and notes  # zero norms are no peers: it cannot judge
+    _, rejected, _, _ = screen([one], base, 3, max_relative_norm=5, reference_norms=[1e-9, 1e-9],
+                               min_reference_norm=1e-3)
+    assert [r.label for r in rejected] == ["t0"] and "(0.001, median of 2 peers)" in rejected[0].reason
