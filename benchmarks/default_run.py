@@ -60,16 +60,21 @@ def main() -> int:
     run_dir = run_dirs[0]
     records = read_metrics(run_dir)
     first, last = records[0], records[-1]
-    best = max(records, key=lambda r: r["probe_heldout"] or 0)
     print(f"command: {' '.join(command[1:])}")
     print(f"rounds: {last['round']}, contributors/round: {len(last['contributors'])}, nodes: {len(first['probe'])}")
     print(f"wall time: {wall:.1f} s (target < 300 s)")
     print(f"peak memory (process tree RSS): {peak / 2**30:.2f} GiB (target < 4 GiB)")
-    print(f"held-out probe accuracy: round 0 {100 * first['probe_heldout']:.1f} -> round {last['round']} "
-          f"{100 * last['probe_heldout']:.1f} ({100 * (last['probe_heldout'] - first['probe_heldout']):+.1f} points; "
-          f"best {100 * best['probe_heldout']:.1f} at round {best['round']}) (target >= +5)")
-    print(f"contributing probe accuracy: round 0 {100 * first['probe_contributing']:.1f} -> "
-          f"{100 * last['probe_contributing']:.1f}")
+    # Both probes from the same feature pass: the first token (the paper's view, the primary score) and the
+    # mean of the tokens. The held-out target (>= +5 points) is stated for the primary one.
+    for series, label in (("probe", "first-token probe (primary)"), ("probe_mean_pool", "mean-pooled probe")):
+        held = [(r["round"], r[f"{series}_heldout"]) for r in records if r.get(f"{series}_heldout") is not None]
+        best = max(held, key=lambda p: p[1])
+        start, end = first[f"{series}_heldout"], last[f"{series}_heldout"]
+        target = " (target >= +5)" if series == "probe" else ""
+        print(f"held-out {label}: round 0 {100 * start:.1f} -> round {last['round']} {100 * end:.1f} "
+              f"({100 * (end - start):+.1f} points; best {100 * best[1]:.1f} at round {best[0]}){target}")
+        print(f"contributing {label}: round 0 {100 * first[f'{series}_contributing']:.1f} -> "
+              f"{100 * last[f'{series}_contributing']:.1f}")
     print(f"run directory: {run_dir}")
     return 0
 

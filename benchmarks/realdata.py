@@ -81,7 +81,7 @@ def main() -> int:
     report = write_report(cold, baselines=baselines, out_dir=args.results)
     shutil.copy(cold / "config.yaml", args.results / "config.yaml")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    command = f".venv/bin/python benchmarks/realdata.py {extra}".strip()
+    command = " ".join([".venv/bin/python", "benchmarks/realdata.py", *sys.argv[1:]])  # flags included
     (args.results / "run.md").write_text(
         f"# How this report was made\n\n`{command}`\n\n"
         f"at commit {commit}, on {time.strftime('%Y-%m-%d')}, 2 CPU cores, no GPU. Steps:\n\n" + "\n".join(log) + "\n")
