@@ -121,8 +121,10 @@ def start_deployment(processes: Processes, workdir: Path, layout: dict, operator
         command = supernode_command(address, layout["pki"] / "ca.crt", site["key"], free_port(), node_config)
         site["process"] = processes.start(name, command, site_env(site["state"]), site["log"], cwd=workdir / name)
     for name, site in layout["sites"].items():
-        if not wait_for_log(site["process"], site["log"], "SuperNode ID", timeout=60):
-            raise RuntimeError(f"{name}'s SuperNode did not connect; see {site['log']}")
+        # The id line is the event; the deadline only guards a SuperNode that neither connects nor exits
+        # (a busy machine needs well over a minute to import torch in three processes at once).
+        if not wait_for_log(site["process"], site["log"], "SuperNode ID", timeout=600):
+            raise RuntimeError(f"{name}'s SuperNode did not connect within 600 s; see {site['log']}")
     return {"address": address, "env": env, "outputs": operator / "outputs"}
 
 

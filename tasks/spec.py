@@ -32,6 +32,19 @@ class TaskInfo:
 
     @classmethod
     def from_json(cls, text: str) -> "TaskInfo":
+        """Parse a node's task definition; TaskDataError naming the field if any is missing or of the wrong type."""
         data = json.loads(text)
-        data["label_names"] = tuple(data.get("label_names", ()))
-        return cls(**data)
+        if not isinstance(data, dict):
+            raise TaskDataError(f"task definition must be a JSON object, got {type(data).__name__}")
+        checks = {"name": lambda v: isinstance(v, str) and v != "",
+                  "num_labels": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                  "sentence_pair": lambda v: isinstance(v, bool),
+                  "label_names": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}
+        unknown = sorted(set(data) - set(checks))
+        if unknown:
+            raise TaskDataError(f"task definition has unknown field(s) {unknown}")
+        data.setdefault("label_names", [])
+        for key, valid in checks.items():
+            if key not in data or not valid(data[key]):
+                raise TaskDataError(f"task definition field '{key}' is missing or invalid: {data.get(key)!r}")
+        return cls(data["name"], data["num_labels"], data["sentence_pair"], tuple(data["label_names"]))

@@ -299,3 +299,21 @@ def test_an_error_reply_from_an_unknown_node_is_recorded_not_raised(tiny_cfg, sm
     stray = Message(error=Error(code=0, reason="who am I"), reply_to=ask)
     fused, _ = strategy.aggregate_train(1, [stray])
     assert fused is None and strategy._record.failures[0].startswith("node ")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('[1, 2]', "must be a JSON object"),
+    ('{"name": "t", "num_labels": "2", "sentence_pair": false}', "'num_labels' is missing or invalid: '2'"),
+    ('{"name": "t", "num_labels": 0, "sentence_pair": false}', "'num_labels' is missing or invalid: 0"),
+    ('{"name": "", "num_labels": 2, "sentence_pair": false}', "'name' is missing or invalid"),
+    ('{"name": "t", "num_labels": 2}', "'sentence_pair' is missing or invalid: None"),
+    ('{"name": "t", "num_labels": 2, "sentence_pair": false, "label_names": [1]}', "'label_names' is missing"),
+    ('{"name": "t", "num_labels": 2, "sentence_pair": false, "extra": 1}', "unknown field(s) ['extra']"),
+])
+def test_a_task_definition_from_a_node_is_checked_field_by_field(text, reason):
+    from tasks.spec import TaskDataError
+
+    with pytest.raises(TaskDataError, match=reason.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        TaskInfo.from_json(text)
+    info = TaskInfo("t", 2, True, ("a", "b"))
+    assert TaskInfo.from_json(info.to_json()) == info
