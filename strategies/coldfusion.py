@@ -16,7 +16,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from statistics import mean
 from typing import Any
@@ -401,7 +401,7 @@ class ColdFusion(FedAvg):
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         timeouts = {phase: float(t if t is not None else timeout) for phase, t in self.timeouts.items()}
-        history = list(history or [])
+        history = history or []
         last_score = monitored_score(history, self.backtrack_monitor)
         base_round = int(history[-1].get("base_round", 0)) if history else 0
         self.reference_norms = fused_norms(history)
@@ -447,7 +447,6 @@ class ColdFusion(FedAvg):
             log(INFO, "Round %d/%d done in %.1fs: probe seen=%s unseen=%s, finetune seen=%s unseen=%s",
                 server_round, num_rounds, record.seconds_train + record.seconds_eval,
                 *(_fmt(getattr(record, f"{v}_{r}")) for v in VIEWS for r in ("contributing", "heldout")))
-            history.append(asdict(record))
             if self.on_round is not None:
                 self.on_round(record, arrays)
         result.arrays = arrays
