@@ -3,16 +3,16 @@
 * ``query``: tell the server which task this node holds (and its role, if the node config says).
 * ``train``: load the received body, attach this task's own head, finetune, reply with the body only.
 * ``evaluate``: the scores of the received body on this task in the views the server asks for
-  (linear probe and/or full finetuning, ``app.evaluation``).
+  (linear probe and/or full finetuning, ``app.learning.views``).
 
 Which task? In deployment the node config names it (``task=...`` and, for a local directory,
 ``data-dir=...``); in simulation ``partition-id`` i takes the i-th entry of the pool the server sends.
 
 Site settings in the node config (deployment): ``state-dir=/abs/path`` keeps this site's heads and its
-log of contributions on disk (``app.site_state``; otherwise heads live in ``context.state``, which
+log of contributions on disk (``app.site.state``; otherwise heads live in ``context.state``, which
 lasts one run), ``device=cpu|cuda|cuda:N`` overrides the server's ``client.device``, ``site=NAME`` names
 the site (two sites holding the same task are ordered by it), ``allow-faults=true`` lets the testing aid
-``app.faults`` act on this node (never on a real site).
+``app.site.faults`` act on this node (never on a real site).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from app.evaluation import VIEW_FUNCTIONS
-from app.faults import before_training, corrupt_body, fault_for, malformed_content
-from app.model import (
+from app.learning.views import VIEW_FUNCTIONS
+from app.site.faults import before_training, corrupt_body, fault_for, malformed_content
+from app.learning.model import (
     body_signature,
     body_state,
     build_classifier,
@@ -47,8 +47,8 @@ from app.model import (
     pick_device,
     resolve_model,
 )
-from app.site_state import SiteState
-from app.train import finetune
+from app.site.state import SiteState
+from app.learning.recipe import finetune
 from tasks.registry import entry_key, load_task_cached
 from tasks.spec import TaskDataError
 from tasks.splits import train_dev

@@ -16,10 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from app.checkpoint import resume_checkpoint, save_checkpoint
-from app.config import compose_config, to_container
-from app.model import body_signature, initial_body, resolve_model, save_fused_model
-from app.outputs import RunOutputs, read_metrics, render_table
+from app.run.checkpoint import resume_checkpoint, save_checkpoint
+from app.run.config import compose_config, to_container
+from app.learning.model import body_signature, initial_body, resolve_model, save_fused_model
+from app.run.outputs import RunOutputs, read_metrics, render_table
 from app.report import write_model_card, write_report
 from strategies.coldfusion import ColdFusion
 from strategies.schedule import VIEWS

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from app.outputs import read_metrics
+from app.run.outputs import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

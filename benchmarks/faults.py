@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from app.checkpoint import load_latest_checkpoint
-from app.launch import run_simulation
-from app.outputs import read_metrics
+from app.run.checkpoint import load_latest_checkpoint
+from app.run.launch import run_simulation
+from app.run.outputs import read_metrics
 from tasks.synthetic import default_heldout, synthetic_task_infos
 
 OUT = Path(__file__).resolve().parents[1] / "outputs" / "benchmarks" / f"faults-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -66,7 +66,7 @@ def malicious_vs_clean() -> list[str]:
 def rounds_lost_to_a_crash() -> str:
     settings = ["experiment=tiny_sweep", "rounds=4", "client.head_policy=reinit"]
     out = OUT / "crash"
-    launcher = subprocess.Popen([sys.executable, "-m", "app.launch", "--output-dir", str(out), *settings],
+    launcher = subprocess.Popen([sys.executable, "-m", "app.run.launch", "--output-dir", str(out), *settings],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     while launcher.poll() is None and not list(out.glob("*-run*/ckpt-0002")):
         time.sleep(0.1)

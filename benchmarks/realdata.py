@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.launch import run_simulation  # noqa: E402
-from app.multitask import main as multitask_main  # noqa: E402
+from app.run.launch import run_simulation  # noqa: E402
+from app.run.multitask import main as multitask_main  # noqa: E402
 from app.report import write_report  # noqa: E402
 
 EXPERIMENT = "realdata"

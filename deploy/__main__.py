@@ -31,7 +31,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from app.launch import flwr_env
+from app.run.launch import flwr_env
 from deploy.tooling import (
     DeployError,
     describe_dataset,
@@ -159,8 +159,8 @@ def _dispatch(args) -> int:
 def _run(args) -> int:
     import tempfile
 
-    from app.config import ConfigError, compose_config
-    from app.launch import RunTimeoutError, run_timeout, submit_run
+    from app.run.config import ConfigError, compose_config
+    from app.run.launch import RunTimeoutError, run_timeout, submit_run
 
     overrides = [o for o in args.overrides if not o.startswith("federation.expected_nodes=")]
     overrides.append(f"federation.expected_nodes={args.nodes}")
@@ -186,7 +186,7 @@ def _run(args) -> int:
 def _results(output_dir: Path, run_id: int | None = None) -> int:
     from rich.console import Console
 
-    from app.outputs import read_metrics, summary_table
+    from app.run.outputs import read_metrics, summary_table
 
     pattern = f"*-run{run_id}" if run_id is not None else "*-run*"
     runs = sorted(p for p in Path(output_dir).glob(pattern) if p.is_dir())

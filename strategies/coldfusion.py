@@ -4,7 +4,7 @@ Each round: K contributors (sampled with a seeded RNG among the nodes holding co
 receive the current body, finetune body + their own head, and send back the body; the strategy fuses
 the valid bodies with a uniform mean (``strategies.fusion.uniform_mean``) into the next base. Then
 the nodes score the new base on their tasks in the evaluation views that are due this round (linear
-probe and full finetuning, each on its own schedule; ``app.evaluation``): contributing ("seen") and
+probe and full finetuning, each on its own schedule; ``app.learning.views``): contributing ("seen") and
 held-out ("unseen") tasks alike.
 
 Node ids are random, so the strategy first asks every node which task it holds (a ``query`` message).
@@ -33,7 +33,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from app.metrics import primary
+from tasks.metrics import primary
 from strategies.fusion import get_operator
 from strategies.schedule import VIEWS, due
 from strategies.replies import MalformedReply, read_evaluate_reply, read_query_answer, read_train_reply
@@ -56,7 +56,7 @@ class NodeTask:
     label: str = ""  # how records name this node: the task, or task#i when several nodes hold the task
 
 
-PRIMARY_METRICS = {"accuracy", "pearson"}  # app.metrics.primary reads one of these
+PRIMARY_METRICS = {"accuracy", "pearson"}  # tasks.metrics.primary reads one of these
 
 # Score series of a round record: (record field, view it comes from, prefix of its metrics in that view).
 # The probe view scores two poolings in one pass; the first-token probe is the paper's ColD-Frozen view.

@@ -3,7 +3,7 @@
     python -m tasks.pool tasks=paper
     python -m tasks.pool tasks=paper tasks.fold=2 tasks.resolve=auto
 
-Composes the run configuration like the launcher does (``app.config.compose_config``), resolves
+Composes the run configuration like the launcher does (``app.run.config.compose_config``), resolves
 ``tasks`` without loading any data (:func:`tasks.registry.resolve_pool`) and prints one row per
 dataset (name, role, where it resolved to, or MISSING and why) and the counts. The table is shown
 whatever ``tasks.on_missing`` says; then the policy is applied as a run would: with
@@ -61,7 +61,7 @@ def render(resolution: PoolResolution) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from app.config import ConfigError, compose_config, to_container
+    from app.run.config import ConfigError, compose_config, to_container
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -19,7 +19,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cfg(cache_dir):
     """The default configuration shrunk for tests, with the tiny model cached in a private folder."""
-    from app.config import compose_config
+    from app.run.config import compose_config
 
     return compose_config("quick", [f"model.cache_dir={cache_dir}", "client.max_steps=5",
                                     "tasks.train_size=200", "tasks.test_size=100",
@@ -30,15 +30,15 @@ def tiny_cfg(cache_dir):
 
 @pytest.fixture(scope="session")
 def tiny_path(tiny_cfg) -> str:
-    from app.config import to_container
-    from app.model import resolve_model
+    from app.run.config import to_container
+    from app.learning.model import resolve_model
 
     return resolve_model(to_container(tiny_cfg, "model"))
 
 
 @pytest.fixture(scope="session")
 def pool(tiny_cfg):
-    from app.config import to_container
+    from app.run.config import to_container
     from tasks.registry import build_pool
 
     return build_pool(to_container(tiny_cfg, "tasks"))
@@ -53,7 +53,7 @@ def small_pool(pool):
 
 
 def model_json(cfg) -> str:
-    from app.config import to_container
+    from app.run.config import to_container
 
     return json.dumps(to_container(cfg, "model"), sort_keys=True)
 
@@ -69,7 +69,7 @@ def node(pool):
 
 
 # ------------------------------------------------------------------ independent oracles of the key split
-# Written out by hand from the BERT/RoBERTa architecture (not computed by app.model): what a sequence classifier's
+# Written out by hand from the BERT/RoBERTa architecture (not computed by app.learning.model): what a sequence classifier's
 # body (keys relative to its base model) and head are, for the tiny RoBERTa and for MiniLM (BERT).
 ROBERTA_HEAD = {"classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight",
                 "classifier.out_proj.bias"}
@@ -86,7 +86,7 @@ def encoder_keys(layers: int, pooler: bool) -> set[str]:
     return keys | ({"pooler.dense.weight", "pooler.dense.bias"} if pooler else set())
 
 
-# tiny: 2 layers, its classifier's body has no pooler; MiniLM-L6: 6 layers, the pooler is body (app/model.py)
+# tiny: 2 layers, its classifier's body has no pooler; MiniLM-L6: 6 layers, the pooler is body (app/learning/model.py)
 SPLITS = {
     "tiny": {"prefix": "roberta", "body": encoder_keys(2, pooler=False), "head": ROBERTA_HEAD},
     "minilm": {"prefix": "bert", "body": encoder_keys(6, pooler=True), "head": BERT_HEAD},
@@ -95,7 +95,7 @@ SPLITS = {
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from app.model import resolve_model
+    from app.learning.model import resolve_model
 
     return resolve_model({"name_or_path": "minilm"})
 

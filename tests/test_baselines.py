@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from flwr.app import MessageType
 
-from app.config import compose_config, to_container
-from app.model import initial_body, resolve_model
-from app.multitask import contributor_steps, main, train_multitask
+from app.run.config import compose_config, to_container
+from app.learning.model import initial_body, resolve_model
+from app.run.multitask import contributor_steps, main, train_multitask
 from tasks.registry import build_pool
 from tests.test_strategy import _run, assert_uniform_mean
 

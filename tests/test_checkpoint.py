@@ -2,7 +2,7 @@ import random
 
 import torch
 
-from app.checkpoint import config_differences, load_latest_checkpoint, save_checkpoint
+from app.run.checkpoint import config_differences, load_latest_checkpoint, save_checkpoint
 
 
 def test_checkpoint_round_trips_body_rng_history_and_config(tmp_path):

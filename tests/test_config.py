@@ -1,6 +1,6 @@
 import pytest
 
-from app.config import ConfigError, compose_config
+from app.run.config import ConfigError, compose_config
 
 
 def test_defaults_compose_to_the_paper_like_default_run():

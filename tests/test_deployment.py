@@ -20,9 +20,9 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from app.client_app import app as client_app
-from app.config import to_container
-from app.model import initial_body
-from app.site_state import SiteState, SiteStateError, safe_name
+from app.run.config import to_container
+from app.learning.model import initial_body
+from app.site.state import SiteState, SiteStateError, safe_name
 from deploy.tooling import (
     make_ca,
     make_server_cert,
@@ -228,7 +228,7 @@ def deployment(tmp_path_factory):
 
 @pytest.mark.slow
 def test_three_sites_complete_two_rounds_over_tls_with_node_auth(deployment):
-    from app.outputs import read_metrics
+    from app.run.outputs import read_metrics
     from deploy.rehearsal import check_report, run, small_overrides
 
     run_id, status, run_dir = run(deployment, small_overrides(2, 3), deployment["workdir"])
@@ -266,7 +266,7 @@ def test_the_server_refuses_to_start_without_the_required_nodes(deployment, caps
 @pytest.mark.slow
 def test_the_server_refuses_conflicting_definitions_of_a_task(deployment, capsys, tmp_path):
     """A fourth site claims site1's task name with other labels: the run stops at discovery, naming it."""
-    from app.launch import free_port
+    from app.run.launch import free_port
     from deploy.rehearsal import run, small_overrides
     from deploy.tooling import (
         make_site_key,
@@ -292,14 +292,14 @@ def test_the_server_refuses_conflicting_definitions_of_a_task(deployment, capsys
         out = capsys.readouterr().out
         assert f"claim incompatible definitions of task '{site1['task']}'" in out, out[-3000:]
     finally:
-        from app.launch import stop_process_group
+        from app.run.launch import stop_process_group
 
         stop_process_group(process)  # the other tests see the three sites only
 
 
 @pytest.mark.slow
 def test_a_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
-    from app.launch import free_port
+    from app.run.launch import free_port
     from deploy.tooling import make_site_key, site_env, supernode_command
 
     key, _pub = make_site_key(tmp_path / "intruder")

@@ -10,15 +10,15 @@ from datasets import Dataset, DatasetDict
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from app.client_app import app as client_app
-from app.config import compose_config, to_container
-from app.evaluation import finetune_view, probe_view, view_recipe
-from app.model import (
+from app.run.config import compose_config, to_container
+from app.learning.views import finetune_view, probe_view, view_recipe
+from app.learning.model import (
     build_classifier,
     initial_body,
     load_body,
     load_tokenizer,
 )
-from app.train import EarlyStopping, finetune
+from app.learning.recipe import EarlyStopping, finetune
 from strategies.schedule import due
 from tasks.registry import entry_key, load_task_cached
 from tasks.splits import subsample, train_dev
@@ -101,7 +101,7 @@ def test_early_stopping_keeps_the_best_weights(tiny_cfg, tiny_path, pool):
     model = build_classifier(tiny_path, info.num_labels, 0)
     stats = finetune(model, train, tokenizer, recipe, 0, "cpu", dev, info.is_regression)
     assert len(stats.dev_curve) >= 3 and stats.best_dev == max(score for _, score in stats.dev_curve)
-    from app.train import evaluate_model
+    from app.learning.recipe import evaluate_model
 
     assert evaluate_model(model, dev, tokenizer, 64, "cpu", False)["accuracy"] == pytest.approx(stats.best_dev)
 
@@ -157,7 +157,7 @@ def test_regression_path_end_to_end(tiny_cfg, tiny_path, regression_task, node):
 @pytest.mark.skipif(not (SHARED_DATA / "stsb").is_dir(), reason="needs ../shared/data/stsb")
 def test_stsb_loads_as_regression_and_reports_correlations_with_minilm(node):
     """Real STS-B (float scores 0-5) through the ClientApp with the pretrained encoder."""
-    from app.model import resolve_model
+    from app.learning.model import resolve_model
 
     cfg = compose_config("realdata", ["eval.probe.max_train_examples=200", "eval.probe.max_test_examples=100",
                                       "client.max_length=48"])

@@ -14,14 +14,14 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from app.checkpoint import save_checkpoint
+from app.run.checkpoint import save_checkpoint
 from app.client_app import app as client_app
-from app.config import ConfigError, compose_config
-from app.faults import ALLOW_ENV, FaultsNotAllowed, InjectedFault
-from app.model import build_classifier, initial_body, load_tokenizer
-from app.outputs import RunOutputs, json_line, read_metrics, strict
-from app.probe import extract_features
-from app.sweep import final_scores
+from app.run.config import ConfigError, compose_config
+from app.site.faults import ALLOW_ENV, FaultsNotAllowed, InjectedFault
+from app.learning.model import build_classifier, initial_body, load_tokenizer
+from app.run.outputs import RunOutputs, json_line, read_metrics, strict
+from app.learning.probe import extract_features
+from app.run.sweep import final_scores
 from strategies.coldfusion import RoundRecord
 from tasks.registry import entry_key, load_task_cached
 from tasks.tokenize import tokenize_task
@@ -44,7 +44,7 @@ def test_records_are_written_as_strict_json_with_null_for_non_finite_values(tmp_
 
 
 def test_the_summary_table_averages_the_losses_of_fused_contributions_only():
-    from app.outputs import render_table
+    from app.run.outputs import render_table
 
     record = {"round": 1, "contributors": ["a", "b", "c"], "fused_contributors": ["a", "b"],
               "train_loss": {"a": 1.0, "b": 3.0, "c": 100.0}, "failures": [], "rejections": ["c (node 1): big"],
@@ -98,7 +98,7 @@ def test_back_tracking_with_the_probe_every_round_composes():
 # ------------------------------------------------------------------------------------------ fault injection
 
 def _faulty_message(tiny_cfg, pool, tiny_path, fault: str):
-    from app.config import to_container
+    from app.run.config import to_container
 
     message = _train_message(tiny_cfg, pool, initial_body(tiny_path), 1)
     faults = {**to_container(tiny_cfg, "faults"), "enabled": True, "tasks": {pool[2]["name"]: fault}}
@@ -186,7 +186,7 @@ def test_a_sweep_row_describes_the_saved_model():
 
 
 def test_a_sites_contribution_log_is_strict_json_too(tmp_path):
-    from app.site_state import SiteState
+    from app.site.state import SiteState
 
     site = SiteState(tmp_path / "state")
     site.log_contribution(run_id=1, round=2, task="t", train_loss=float("nan"), examples=3)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import app.launch as launch
+import app.run.launch as launch
 
 try:
     import tomllib
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_materialised_app_states_what_pyproject_toml_states():
     ours = tomllib.loads(launch.FLOWER_APP_TOML.format(version="0.1.0"))
     theirs = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert ours["tool"]["flwr"] == theirs["tool"]["flwr"], "FLOWER_APP_TOML (app/launch.py) != pyproject.toml"
+    assert ours["tool"]["flwr"] == theirs["tool"]["flwr"], "FLOWER_APP_TOML (app/run/launch.py) != pyproject.toml"
     for key in ("name", "version", "description", "license"):
         assert ours["project"][key] == theirs["project"][key], key
 
@@ -80,8 +80,8 @@ def test_pip_install_then_coldfusion_sim_from_another_directory(tmp_path, cache_
 
     # The installed copy, not this checkout: PYTHONPATH comes before the editable install's finder.
     env = {**os.environ, "PYTHONPATH": str(target), "COLDFUSION_CACHE": str(cache_dir)}
-    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u, app.config; print(u.find_spec("
-                            "'app.launch').origin, app.config.CONF_DIR, u.find_spec('deploy.tooling').origin)"],
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u, app.run.config; print(u.find_spec("
+                            "'app.run.launch').origin, app.run.config.CONF_DIR, u.find_spec('deploy.tooling').origin)"],
                            capture_output=True, text=True, env=env, cwd=elsewhere)
     assert probe.stdout.split() == [str(target / "app" / "launch.py"), str(target / "app" / "conf"),
                                     str(target / "deploy" / "tooling.py")], probe.stderr

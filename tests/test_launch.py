@@ -1,4 +1,4 @@
-"""The launcher (app/launch.py): bad input fails before anything starts; a run past its timeout is stopped.
+"""The launcher (app/run/launch.py): bad input fails before anything starts; a run past its timeout is stopped.
 
 The bad-input tests are fast: they must fail before any Flower process exists (``simulation_superlink`` is
 replaced by a tripwire). The run timeout is tested against a stand-in ``flwr`` that never answers (fast), and
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import app.launch as launch
-from app.config import compose_config
-from app.launch import RunTimeoutError, main, run_timeout, submit_run
-from app.model import ModelLoadError, resolve_model
+import app.run.launch as launch
+from app.run.config import compose_config
+from app.run.launch import RunTimeoutError, main, run_timeout, submit_run
+from app.learning.model import ModelLoadError, resolve_model
 
 
 @pytest.fixture()

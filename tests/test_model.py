@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-import app.model
-from app.model import (
+import app.learning.model
+from app.learning.model import (
     DEFAULT_LAYOUT,
     KEY_LAYOUTS,
     ModelLoadError,
@@ -93,7 +93,7 @@ def test_key_layouts_declare_exactly_what_transformers_does(model_type):
 
 def test_an_undeclared_architecture_difference_fails_when_the_run_starts(tiny_path, monkeypatch):
     check_layout(tiny_path)  # RoBERTa's pooler is declared
-    monkeypatch.delitem(app.model.KEY_LAYOUTS, "roberta")
+    monkeypatch.delitem(app.learning.model.KEY_LAYOUTS, "roberta")
     with pytest.raises(ModelLoadError, match=r"'roberta'.*pooler\.dense.*KEY_LAYOUTS"):
         initial_body(tiny_path)
 

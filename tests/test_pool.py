@@ -18,7 +18,7 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from app.config import compose_config, to_container
+from app.run.config import compose_config, to_container
 from tasks.formatting import FORMATTERS, get_formatter
 from tasks.hub import load_hub_task
 from tasks.registry import assign_folds, build_pool, load_task, resolve_pool

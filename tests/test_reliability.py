@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.checkpoint import load_latest_checkpoint
-from app.launch import main, run_simulation
-from app.outputs import read_metrics
+from app.run.checkpoint import load_latest_checkpoint
+from app.run.launch import main, run_simulation
+from app.run.outputs import read_metrics
 from tasks.synthetic import default_heldout, synthetic_task_infos
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def test_a_killed_run_resumes_to_the_same_final_body_as_an_uninterrupted_one(tmp
     out = tmp_path / "interrupted"
     log = tmp_path / "launcher.log"
     with open(log, "w") as sink:  # a file, not a pipe: the launcher can never block on a full pipe
-        launcher = subprocess.Popen([sys.executable, "-m", "app.launch", "--output-dir", str(out), *settings],
+        launcher = subprocess.Popen([sys.executable, "-m", "app.run.launch", "--output-dir", str(out), *settings],
                                     stdout=sink, stderr=subprocess.STDOUT)
     try:
         # Wait for an event, not a duration: the checkpoint of round 2 (renamed into place once complete), or

@@ -16,8 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 from flwr.supercore.task_identity import TaskIdentity
 
 from app.client_app import app as client_app
-from app.faults import malformed_content
-from app.model import initial_body
+from app.site.faults import malformed_content
+from app.learning.model import initial_body
 from app.server_app import round_configs
 from strategies.coldfusion import (
     ColdFusion,
@@ -60,7 +60,7 @@ def _reply_to(content: RecordDict) -> Message:
 
 
 def _cfg(tiny_cfg, *overrides):
-    from app.config import compose_config
+    from app.run.config import compose_config
 
     return compose_config("quick", [f"model.cache_dir={tiny_cfg.model.cache_dir}", "client.max_steps=2",
                                     "tasks.train_size=200", "tasks.test_size=100", *overrides])

@@ -5,8 +5,8 @@ import pytest
 import yaml
 from transformers import AutoModel
 
-from app.launch import main, run_simulation, simulation_superlink, submit_run
-from app.outputs import pct, read_metrics
+from app.run.launch import main, run_simulation, simulation_superlink, submit_run
+from app.run.outputs import pct, read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, MessageType
 
 from app.client_app import app as client_app
-from app.model import initial_body
+from app.learning.model import initial_body
 from app.server_app import round_configs
 from strategies.coldfusion import (
     ColdFusion,
@@ -119,7 +119,7 @@ def test_conflicting_task_definitions_are_refused():
 
 
 def test_nodes_whose_model_does_not_fit_the_server_body_are_refused(tiny_cfg, small_pool, tiny_path):
-    from app.model import body_signature
+    from app.learning.model import body_signature
 
     grid = InProcessGrid(client_app, [{"partition-id": i} for i in range(len(small_pool))])
     query = {"model": model_json(tiny_cfg)}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from app.config import CONF_DIR, compose_config, to_container
-from app.model import resolve_model
+from app.run.config import CONF_DIR, compose_config, to_container
+from app.learning.model import resolve_model
 from tasks.registry import build_pool
 
 GROUPS = ["model", "tasks", "client", "eval", "fusion"]

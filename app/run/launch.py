@@ -59,15 +59,15 @@ import httpx
 from omegaconf import DictConfig
 from rich.console import Console
 
-from app.checkpoint import resume_checkpoint
-from app.faults import ALLOW_ENV
-from app.config import ConfigError, compose_config, to_container
-from app.model import ModelLoadError, load_config, resolve_model
-from app.outputs import read_metrics, summary_table
+from app.run.checkpoint import resume_checkpoint
+from app.site.faults import ALLOW_ENV
+from app.run.config import ConfigError, compose_config, to_container
+from app.learning.model import ModelLoadError, load_config, resolve_model
+from app.run.outputs import read_metrics, summary_table
 from tasks.registry import build_pool, load_task
 from tasks.spec import TaskDataError
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 CONNECTION = "coldfusion-sim"
 RUN_TIMEOUT_SLACK_S = 600  # added to the derived run timeout: Ray start, model save, report, checkpoints
 console = Console()
@@ -165,7 +165,7 @@ def simulation_superlink(log_path: Path, allow_faults: bool = False) -> Iterator
     """A private simulation SuperLink; yields the environment for ``flwr`` commands that target it.
 
     ``allow_faults``: the virtual clients (this SuperLink's Ray workers inherit its environment) opt in
-    to the fault-injection testing aid (``app.faults``), as a real site does with ``allow-faults=true``.
+    to the fault-injection testing aid (``app.site.faults``), as a real site does with ``allow-faults=true``.
     """
     flwr_home = Path(tempfile.mkdtemp(prefix="coldfusion-flwr-"))
     port = free_port()

@@ -28,8 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from app.config import CONF_DIR
-from app.outputs import read_metrics
+from app.run.config import CONF_DIR
+from app.run.outputs import read_metrics
 from app.report import evaluated, saved_model_record
 
 JOB_FILE = "job.json"
@@ -38,7 +38,7 @@ _last_sweep: dict[str, Any] = {}
 
 def run_job(overrides: list[str], job_dir: Path) -> dict[str, Any]:
     """One sweep job: a real simulation with these overrides; never raises, records what happened."""
-    from app.launch import run_simulation
+    from app.run.launch import run_simulation
 
     started = time.perf_counter()
     job: dict[str, Any] = {"overrides": " ".join(overrides), "status": "failed", "reason": "",

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.outputs import fsync_path, strict
+from app.run.outputs import fsync_path, strict
 
 HEAD_SCOPES = ("run", "site")
 CONTRIBUTIONS_FILE = "contributions.jsonl"

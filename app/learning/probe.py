@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from app.metrics import task_metrics
+from tasks.metrics import task_metrics
 
 
 POOLINGS = ("first_token", "mean_pool")  # the paper's view first: it is the primary score
@@ -49,7 +49,7 @@ def extract_features(body, dataset, tokenizer, batch_size: int, device) -> dict[
 
 def probe_score(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                 regression: bool, settings: Mapping[str, Any]) -> dict[str, float]:
-    """Test metrics (``app.metrics``) of a linear model fitted on frozen training features."""
+    """Test metrics (``tasks.metrics``) of a linear model fitted on frozen training features."""
     (x_train, y_train), (x_test, y_test) = train, test
     if regression:
         model = make_pipeline(StandardScaler(), Ridge(alpha=float(settings.get("ridge_alpha", 1.0))))

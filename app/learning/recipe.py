@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
-from app.metrics import primary, task_metrics
+from tasks.metrics import primary, task_metrics
 
 
 @dataclass
@@ -122,7 +122,7 @@ def predict(model, dataset, tokenizer, batch_size: int, device, regression: bool
 
 
 def evaluate_model(model, dataset, tokenizer, batch_size: int, device, regression: bool) -> dict[str, float]:
-    """All task metrics (``app.metrics``) of the model on a tokenised split."""
+    """All task metrics (``tasks.metrics``) of the model on a tokenised split."""
     return task_metrics(*predict(model, dataset, tokenizer, batch_size, device, regression), regression)
 
 

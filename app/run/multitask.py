@@ -26,8 +26,8 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
-from app.config import ConfigError, compose_config, to_container
-from app.model import (
+from app.run.config import ConfigError, compose_config, to_container
+from app.learning.model import (
     ModelLoadError,
     body_state,
     build_classifier,

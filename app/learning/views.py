@@ -5,7 +5,7 @@
 * ``finetune`` ("ColD"): the body with a fresh head is finetuned as a whole with the contributor
   recipe, under the view's own budget (``eval.finetune``), and scored on the test split.
 
-Both take the same arguments and return the task's metrics (``app.metrics``); the finetune view adds
+Both take the same arguments and return the task's metrics (``tasks.metrics``); the finetune view adds
 ``steps``, ``train_examples`` and ``stopped_early``. Held-out tasks train on only ``few_shot``
 examples when that is set. Every cap draws a seeded random subset, the same in every round.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from app.probe import extract_features, probe_score
-from app.train import evaluate_model, finetune
+from app.learning.probe import extract_features, probe_score
+from app.learning.recipe import evaluate_model, finetune
 from tasks.splits import subsample, train_dev
 
 BUDGET_KEYS = ("max_steps", "epochs", "early_stopping")

@@ -257,7 +257,7 @@ def check_layout(path: str) -> None:
     if adds or lacks:
         raise ModelLoadError(
             f"model '{path}' (model_type '{config.model_type}'): AutoModel has keys the classifier's body lacks "
-            f"{adds[:5]} and lacks body keys {lacks[:5]}; declare them in KEY_LAYOUTS (app/model.py)")
+            f"{adds[:5]} and lacks body keys {lacks[:5]}; declare them in KEY_LAYOUTS (app/learning/model.py)")
 
 
 # ------------------------------------------------------------------------------ dtypes
@@ -413,7 +413,7 @@ def save_fused_model(start_path: str, body: Mapping[str, torch.Tensor], out_dir:
         raise ValueError(
             f"fused body does not fit {type(model).__name__} (model_type '{config.model_type}'): "
             f"missing {len(missing)} key(s) {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}; "
-            f"the expected exceptions are declared in KEY_LAYOUTS (app/model.py)")
+            f"the expected exceptions are declared in KEY_LAYOUTS (app/learning/model.py)")
     for key, tensor in kept.items():
         if tuple(tensor.shape) != tuple(target[key].shape):
             raise ValueError(f"fused body tensor '{key}' has shape {tuple(tensor.shape)}, "

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.outputs import fsync_path, strict
+from app.run.outputs import fsync_path, strict
 
 # Keys that may differ between a run and its resumption: how to resume, and how long to go on.
 RESUMABLE_KEYS = ("resume", "resume_allow_config_change", "rounds")
@@ -95,7 +95,7 @@ def _tuples(value: Any) -> Any:
 
 def resume_checkpoint(resume_dir: str | Path, current: Mapping[str, Any], allow_config_change: bool) -> Checkpoint:
     """The checkpoint to resume from; ConfigError if there is none or the configuration differs."""
-    from app.config import ConfigError
+    from app.run.config import ConfigError
 
     checkpoint = load_latest_checkpoint(Path(resume_dir))
     if checkpoint is None:

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 # conf/ ships inside the package after `pip install .` (app/conf, package data: see pyproject.toml);
 # in a checkout (and an editable install) it is the repository's conf/.
-_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+_PACKAGED_CONF = Path(__file__).resolve().parents[1] / "conf"
 CONF_DIR = _PACKAGED_CONF if (_PACKAGED_CONF / "config.yaml").is_file() else _PACKAGED_CONF.parents[1] / "conf"
 
 
@@ -110,7 +110,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.resume is not None:
         _require(cfg, "resume", str, lambda v: Path(v).is_dir(), "must be an existing run directory")
     _require(cfg, "faults.enabled", bool)
-    from app.faults import FAULTS
+    from app.site.faults import FAULTS
 
     for task, fault in (cfg.faults.tasks or {}).items():
         if fault not in FAULTS:

@@ -32,7 +32,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from app.outputs import METRICS_FILE, pct, read_metrics, render_table
+from app.run.outputs import METRICS_FILE, pct, read_metrics, render_table
 
 # Score series of a record (strategies.coldfusion.SERIES): the probe view gives two, one per pooling.
 VIEWS = {"probe": "Linear probe, first token (ColD-Frozen)", "probe_mean_pool": "Linear probe, mean pooling",
