@@ -31,7 +31,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from app.run.launch import flwr_env
+from app.run.superlink import flwr_env
 from deploy.tooling import (
     DeployError,
     describe_dataset,
@@ -160,7 +160,7 @@ def _run(args) -> int:
     import tempfile
 
     from app.run.config import ConfigError, compose_config
-    from app.run.launch import RunTimeoutError, run_timeout, submit_run
+    from app.run.superlink import RunTimeoutError, run_timeout, submit_run
 
     overrides = [o for o in args.overrides if not o.startswith("federation.expected_nodes=")]
     overrides.append(f"federation.expected_nodes={args.nodes}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from rich.console import Console
 
 from app.run.config import compose_config
-from app.run.launch import default_output_root, flwr_env, free_port, run_timeout, submit_run
+from app.run.superlink import default_output_root, flwr_env, free_port, run_timeout, submit_run
 from app.run.outputs import read_metrics, summary_table
 from deploy.tooling import (
     Processes,

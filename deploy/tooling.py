@@ -3,7 +3,7 @@
 Used by ``python -m deploy`` (the runbook's commands), ``deploy/rehearsal.py`` and the deployment
 tests. Everything here shells out to the standard tools (``openssl``, ``ssh-keygen``) and to Flower's
 own commands (``flower-superlink``, ``flower-supernode``, ``flwr``) with the flags checked against
-flwr 1.42; it reuses the launcher's helpers (``app.run.launch``) for environments, health checks, runs and
+flwr 1.42; it reuses the Flower process helpers (``app.run.superlink``) for environments, health checks, runs and
 process-group shutdown.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from app.run.launch import PROJECT_DIR, flwr_env, stop_process_group, wait_healthy
+from app.run.superlink import PROJECT_DIR, flwr_env, stop_process_group, wait_healthy
 
 DEFAULT_SANS = ("127.0.0.1", "localhost")
 

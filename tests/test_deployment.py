@@ -266,7 +266,7 @@ def test_the_server_refuses_to_start_without_the_required_nodes(deployment, caps
 @pytest.mark.slow
 def test_the_server_refuses_conflicting_definitions_of_a_task(deployment, capsys, tmp_path):
     """A fourth site claims site1's task name with other labels: the run stops at discovery, naming it."""
-    from app.run.launch import free_port
+    from app.run.superlink import free_port
     from deploy.rehearsal import run, small_overrides
     from deploy.tooling import (
         make_site_key,
@@ -292,14 +292,14 @@ def test_the_server_refuses_conflicting_definitions_of_a_task(deployment, capsys
         out = capsys.readouterr().out
         assert f"claim incompatible definitions of task '{site1['task']}'" in out, out[-3000:]
     finally:
-        from app.run.launch import stop_process_group
+        from app.run.superlink import stop_process_group
 
         stop_process_group(process)  # the other tests see the three sites only
 
 
 @pytest.mark.slow
 def test_a_supernode_with_an_unregistered_key_is_refused(deployment, tmp_path):
-    from app.run.launch import free_port
+    from app.run.superlink import free_port
     from deploy.tooling import make_site_key, site_env, supernode_command
 
     key, _pub = make_site_key(tmp_path / "intruder")

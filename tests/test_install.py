@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import app.run.launch as launch
+import app.run.superlink as superlink
 
 try:
     import tomllib
@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_materialised_app_states_what_pyproject_toml_states():
-    ours = tomllib.loads(launch.FLOWER_APP_TOML.format(version="0.1.0"))
+    ours = tomllib.loads(superlink.FLOWER_APP_TOML.format(version="0.1.0"))
     theirs = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert ours["tool"]["flwr"] == theirs["tool"]["flwr"], "FLOWER_APP_TOML (app/run/launch.py) != pyproject.toml"
+    assert ours["tool"]["flwr"] == theirs["tool"]["flwr"], "FLOWER_APP_TOML (app/run/superlink.py) != pyproject.toml"
     for key in ("name", "version", "description", "license"):
         assert ours["project"][key] == theirs["project"][key], key
 
@@ -38,13 +38,13 @@ def test_an_installed_copy_submits_a_materialised_flower_app(monkeypatch):
     from flwr.cli.build import build_fab_from_disk
     from flwr.cli.config_utils import load_and_validate
 
-    monkeypatch.setattr(launch, "IN_CHECKOUT", False)  # as after `pip install .`
-    with launch.flower_app_dir() as app_dir:
-        assert app_dir != launch.PROJECT_DIR
+    monkeypatch.setattr(superlink, "IN_CHECKOUT", False)  # as after `pip install .`
+    with superlink.flower_app_dir() as app_dir:
+        assert app_dir != superlink.PROJECT_DIR
         config, warnings = load_and_validate(app_dir / "pyproject.toml")
         assert config is not None and not warnings
         assert config["tool"]["flwr"]["app"]["components"]["serverapp"] == "app.server_app:app"
-        for package in launch.APP_PACKAGES:
+        for package in superlink.APP_PACKAGES:
             assert (app_dir / package / "__init__.py").is_file()
         assert not list(app_dir.rglob("__pycache__"))
         assert len(build_fab_from_disk(app_dir)) > 0  # what `flwr run <app_dir>` builds
@@ -83,7 +83,7 @@ def test_pip_install_then_coldfusion_sim_from_another_directory(tmp_path, cache_
     probe = subprocess.run([sys.executable, "-c", "import importlib.util as u, app.run.config; print(u.find_spec("
                             "'app.run.launch').origin, app.run.config.CONF_DIR, u.find_spec('deploy.tooling').origin)"],
                            capture_output=True, text=True, env=env, cwd=elsewhere)
-    assert probe.stdout.split() == [str(target / "app" / "launch.py"), str(target / "app" / "conf"),
+    assert probe.stdout.split() == [str(target / "app" / "run" / "launch.py"), str(target / "app" / "conf"),
                                     str(target / "deploy" / "tooling.py")], probe.stderr
 
     # Five synthetic tasks, one round of two contributors, two steps each: the whole path, in seconds.

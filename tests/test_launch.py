@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import app.run.launch as launch
+import app.run.superlink as superlink
 from app.run.config import compose_config
 from app.run.launch import RunTimeoutError, main, run_timeout, submit_run
 from app.learning.model import ModelLoadError, resolve_model
@@ -111,7 +112,7 @@ def test_resolve_model_leaves_hub_ids_and_existing_directories_to_the_loader(nam
 def test_the_run_timeout_is_derived_from_the_federation_timeouts_unless_set():
     cfg = compose_config("", ["rounds=4", "federation.node_wait_timeout_s=10", "federation.discovery_timeout_s=20",
                               "federation.train_timeout_s=30", "federation.eval_timeout_s=40"])
-    assert run_timeout(cfg) == 10 + 20 + 5 * (30 + 40) + launch.RUN_TIMEOUT_SLACK_S
+    assert run_timeout(cfg) == 10 + 20 + 5 * (30 + 40) + superlink.RUN_TIMEOUT_SLACK_S
     assert run_timeout(compose_config("", ["federation.run_timeout_s=77"])) == 77
 
 
@@ -173,7 +174,7 @@ def test_a_run_that_cannot_finish_is_stopped_at_its_timeout_and_nothing_is_left_
                                                   r"stopped\. Raise federation.run_timeout_s") as info:
             submit_run(env, run_config, "num-supernodes=2 client-resources-num-cpus=1", tmp_path, timeout_s=30)
         assert info.value.run_id is not None
-        assert launch.run_status(env, info.value.run_id) == "finished:stopped"
+        assert superlink.run_status(env, info.value.run_id) == "finished:stopped"
     # The SuperLink, and the SuperExec and simulation Flower starts in a session of its own: all gone.
     left = [p for p in Path("/proc").glob("[0-9]*/cmdline") if address.encode() in _reads(p)]
     assert not left, [_reads(p) for p in left]
