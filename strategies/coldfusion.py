@@ -7,16 +7,15 @@ the nodes score the new base on their tasks in the evaluation views that are due
 probe and full finetuning, each on its own schedule; ``app.learning.views``): contributing ("seen") and
 held-out ("unseen") tasks alike.
 
-Node ids are random, so the strategy first asks every node which task it holds (a ``query`` message).
+Node ids are random, so the strategy first asks every node which task it holds (``strategies.discovery``).
+What a round did is one :class:`strategies.records.RoundRecord`, handed to ``on_round`` as soon as it ends.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from statistics import mean
 from typing import Any
@@ -33,90 +32,13 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from tasks.metrics import primary
+from strategies.discovery import FederationError, NodeTask, discover_nodes
 from strategies.fusion import get_operator
+from strategies.records import ROLES, SERIES, RoundRecord, fused_norms, monitored_score
+from strategies.replies import MalformedReply, first_line, read_evaluate_reply, read_train_reply
 from strategies.schedule import VIEWS, due
-from strategies.replies import MalformedReply, read_evaluate_reply, read_query_answer, read_train_reply
 from strategies.validation import Contribution, assert_finite, screen
-from tasks.spec import TaskInfo
-
-
-class FederationError(RuntimeError):
-    """The federation cannot run as configured (missing nodes, conflicting tasks)."""
-
-
-@dataclass(frozen=True)
-class NodeTask:
-    node_id: int
-    name: str
-    role: str  # "contributing" or "heldout"
-    info: TaskInfo
-    entry: str  # JSON pool entry, echoed back to the node in every message
-    site: str = ""  # how the node names itself (its site, state or data directory, or partition)
-    label: str = ""  # how records name this node: the task, or task#i when several nodes hold the task
-
-
-PRIMARY_METRICS = {"accuracy", "pearson"}  # tasks.metrics.primary reads one of these
-
-# Score series of a round record: (record field, view it comes from, prefix of its metrics in that view).
-# The probe view scores two poolings in one pass; the first-token probe is the paper's ColD-Frozen view.
-SERIES = {"probe": ("probe", ""), "probe_mean_pool": ("probe", "mean_pool_"), "finetune": ("finetune", "")}
-
-
-@dataclass
-class RoundRecord:
-    """Everything that happened in one round; one line of ``metrics.jsonl``.
-
-    Contributors are named by label (``NodeTask.label``: the task, or ``task#i`` when several nodes hold
-    one task); scores are per task (the mean over the task's nodes that answered).
-    """
-
-    round: int
-    contributors: list[str] = field(default_factory=list)
-    fused_contributors: list[str] = field(default_factory=list)  # the contributions that entered the fusion
-    train_loss: dict[str, float] = field(default_factory=dict)  # well-formed replies only (finite by then)
-    train_examples: dict[str, int] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)  # "label: reason": error, malformed and missing replies
-    rejections: list[str] = field(default_factory=list)  # "label (node n): reason": contributions failing validation
-    notes: list[str] = field(default_factory=list)  # checks that could not be applied, and why
-    heads_fresh: list[str] = field(default_factory=list)  # head_policy=keep: contributors whose head started fresh
-    update_norms: dict[str, float] = field(default_factory=dict)  # L2 norm of each well-formed update
-    fused: bool = False
-    rolled_back: bool = False  # back-tracking undid this round's fusion
-    base_round: int = 0  # the round whose fusion produced the base in effect after this round (0: the start model)
-    roles: dict[str, str] = field(default_factory=dict)  # task -> contributing ("seen") | heldout ("unseen")
-    # Per score series (SERIES): each task's primary score (accuracy, Pearson r for regression) and the
-    # means over the classification tasks of each role (regression is left out of the means, as in the paper).
-    probe: dict[str, float] = field(default_factory=dict)
-    probe_contributing: float | None = None
-    probe_heldout: float | None = None
-    probe_mean_pool: dict[str, float] = field(default_factory=dict)
-    probe_mean_pool_contributing: float | None = None
-    probe_mean_pool_heldout: float | None = None
-    finetune: dict[str, float] = field(default_factory=dict)
-    finetune_contributing: float | None = None
-    finetune_heldout: float | None = None
-    scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # view -> task -> every metric
-    few_shot: int | None = None  # held-out tasks trained on this many examples in the views
-    seconds_train: float = 0.0
-    seconds_eval: float = 0.0
-
-
-def monitored_score(history: Iterable[Mapping[str, Any]], monitor: str) -> float | None:
-    """The back-tracking reference after ``history``: the monitored probe mean of the current base, i.e. of
-    the last round that was not rolled back (a rolled-back round's score describes a base that was undone)."""
-    scores = [r.get(f"probe_{monitor}") for r in history if not r.get("rolled_back")]
-    scores = [s for s in scores if s is not None]
-    return scores[-1] if scores else None
-
-
-def fused_norms(history: Iterable[Mapping[str, Any]]) -> list[float]:
-    """Update norms of the contributions fused in the last fused round (validation's reference norms)."""
-    for record in reversed(list(history)):
-        if record.get("fused"):
-            norms = record.get("update_norms") or {}
-            return [float(norms[c]) for c in record.get("fused_contributors") or [] if c in norms]
-    return []
+from tasks.metrics import PRIMARY_METRICS, primary
 
 
 class ColdFusion(FedAvg):
@@ -186,45 +108,10 @@ class ColdFusion(FedAvg):
 
     # ------------------------------------------------------------------ discovery
     def discover(self, grid: Grid, timeout: float) -> dict[int, NodeTask]:
-        """Wait for the expected nodes, then ask each which task it holds.
-
-        A node that does not answer, answers with an error, or answers something malformed is a problem;
-        the run fails at discovery with every problem listed.
-        """
-        node_ids = wait_for_nodes(grid, self.expected_nodes, self.node_wait_timeout)
-        content = RecordDict({"config": ConfigRecord({"pool": json.dumps(self.pool), **self.query_config})})
-        messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        roles = {entry["name"]: entry.get("role", "contributing") for entry in self.pool}
-        found, problems, answered = [], [], set()
-        for reply in replies:
-            node_id = reply.metadata.src_node_id
-            answered.add(node_id)
-            if reply.has_error():
-                problems.append(f"node {node_id}: {_first_line(reply.error.reason)}")
-                continue
-            try:
-                answer = read_query_answer(reply)
-                info = TaskInfo.from_json(answer.info_json)
-            except (MalformedReply, ValueError, KeyError, TypeError) as exc:
-                problems.append(f"node {node_id}: malformed answer to the task query: {_first_line(str(exc))}")
-                continue
-            if answer.role not in ("", "contributing", "heldout"):
-                problems.append(f"node {node_id} ({info.name}): unknown role {answer.role!r}")
-                continue
-            if self.body_signature and answer.signature and answer.signature != self.body_signature:
-                problems.append(f"node {node_id} ({info.name}): its model's body does not match the server's "
-                                f"(layout digest {answer.signature} != {self.body_signature}); check model settings and caches")
-            role = answer.role or roles.get(info.name, "contributing")
-            found.append(NodeTask(node_id, info.name, role, info, answer.entry, answer.site))
-        missing = [n for n in node_ids if n not in answered]
-        if missing:
-            problems.append(f"{len(missing)} node(s) did not answer the task query in {timeout:.0f}s "
-                            f"(federation.discovery_timeout_s): {missing[:5]}")
-        if problems:
-            raise FederationError("task discovery failed: " + "; ".join(problems))
-        check_consistent_tasks(found)
-        nodes = {n.node_id: n for n in label_nodes(found)}
+        """Wait for the expected nodes and ask each which task it holds (``strategies.discovery``); then check
+        that this federation can train at all."""
+        nodes = discover_nodes(grid, self.pool, self.expected_nodes, self.node_wait_timeout, timeout,
+                               self.query_config, self.body_signature)
         contributing = [n for n in nodes.values() if n.role == "contributing"]
         if not contributing:
             raise FederationError("no node holds a contributing task: nothing to train")
@@ -232,12 +119,6 @@ class ColdFusion(FedAvg):
             raise FederationError(f"min_contributions={self.min_contributions} is more than the {len(contributing)} "
                                   "contributing node(s): no round could ever fuse")
         self.nodes = nodes
-        by_role = {r: sorted(n.label for n in nodes.values() if n.role == r) for r in ("contributing", "heldout")}
-        log(INFO, "Discovered %d nodes: %d contributing, %d held out %s", len(nodes),
-            len(by_role["contributing"]), len(by_role["heldout"]), by_role["heldout"])
-        for node in sorted(nodes.values(), key=lambda n: n.label):
-            if node.label != node.name:
-                log(INFO, "  %s is node %d (site %s)", node.label, node.node_id, node.site or "unnamed")
         return nodes
 
     # ------------------------------------------------------------------ training
@@ -270,18 +151,19 @@ class ColdFusion(FedAvg):
                 continue
             answered.add(node.label)
             if reply.has_error():
-                record.failures.append(f"{node.label}: error reply: {_first_line(reply.error.reason)}")
+                record.failures.append(f"{node.label}: error reply: {first_line(reply.error.reason)}")
                 continue
             try:
                 parsed = read_train_reply(reply)
             except MalformedReply as exc:
-                record.failures.append(f"{node.label}: malformed reply: {_first_line(str(exc))}")
+                record.failures.append(f"{node.label}: malformed reply: {first_line(str(exc))}")
                 continue
             contributions.append(Contribution(node.node_id, node.label, parsed.round, parsed.body))
             record.train_loss[node.label] = parsed.loss
             record.train_examples[node.label] = parsed.examples
             if parsed.head_kept is False:  # first contribution, or its head was lost (e.g. a resumed simulation)
                 record.heads_fresh.append(node.label)
+        record.heads_fresh.sort()  # replies arrive in any order; the record does not depend on it
         record.failures += [f"{label}: no reply within federation.train_timeout_s"
                             for label in record.contributors if label not in answered]
         valid, rejected, norms, notes = screen(
@@ -345,11 +227,11 @@ class ColdFusion(FedAvg):
                 continue
             try:
                 if reply.has_error():
-                    raise MalformedReply(f"error reply: {_first_line(reply.error.reason)}")
+                    raise MalformedReply(f"error reply: {first_line(reply.error.reason)}")
                 by_node[node_id] = read_evaluate_reply(reply, self._asked[node_id])
             except MalformedReply as exc:
                 failed.add(node_id)
-                record.failures.append(f"{node.label}: evaluation failed: {_first_line(str(exc))}")
+                record.failures.append(f"{node.label}: evaluation failed: {first_line(str(exc))}")
                 log(WARNING, "Round %d: evaluation failed on %s: %s", server_round, node.label, exc)
         for node_id in sorted(set(self._asked) - set(by_node) - failed, key=lambda n: self.nodes[n].label):
             label = self.nodes[node_id].label
@@ -366,7 +248,7 @@ class ColdFusion(FedAvg):
                 if PRIMARY_METRICS & set(series_metrics):  # a reply may lack a series (e.g. an older client)
                     per_task[task] = primary(series_metrics)
             setattr(record, series, per_task)
-            for role in ("contributing", "heldout"):
+            for role in ROLES:
                 values = [score for name, score in per_task.items()
                           if record.roles.get(name) == role and name not in regression]
                 setattr(record, f"{series}_{role}", mean(values) if values else None)
@@ -387,12 +269,12 @@ class ColdFusion(FedAvg):
     # ------------------------------------------------------------------ the loop
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn=None, first_round: int = 0, history: list[Mapping[str, Any]] | None = None) -> Result:
+              evaluate_fn=None, first_round: int = 0, history: Sequence[RoundRecord] = ()) -> Result:
         """Discovery, round-0 evaluation of the starting model, then rounds up to ``num_rounds``.
 
         Flower's ``Strategy.start`` evaluates clients only after training rounds and always runs rounds
         1..N; the paper's curves start at iteration 0, and a resumed run continues at ``first_round``
-        from ``initial_arrays`` with the ``history`` of round records (as dicts) written so far, from which
+        from ``initial_arrays`` with the ``history`` of round records written so far, from which
         the strategy takes back its decision state: the back-tracking reference, the base's round and the
         validation's reference norms, exactly as an uninterrupted run holds them. ``timeout`` is the
         per-phase default for the discovery, train and eval timeouts not given to the constructor. Every
@@ -401,9 +283,8 @@ class ColdFusion(FedAvg):
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         timeouts = {phase: float(t if t is not None else timeout) for phase, t in self.timeouts.items()}
-        history = history or []
         last_score = monitored_score(history, self.backtrack_monitor)
-        base_round = int(history[-1].get("base_round", 0)) if history else 0
+        base_round = history[-1].base_round if history else 0
         self.reference_norms = fused_norms(history)
         self.summary()
         self.discover(grid, timeouts["discovery"])
@@ -424,6 +305,7 @@ class ColdFusion(FedAvg):
             record = self._record
             record.seconds_train = time.perf_counter() - t0
             record.roles = {n.name: n.role for n in sorted(self.nodes.values(), key=lambda n: n.label)}
+            record.regression = sorted({n.name for n in self.nodes.values() if n.info.is_regression})
             record.few_shot = self.few_shot
             self._views = [v for v in VIEWS if due(self.eval_schedule.get(v), server_round, num_rounds)
                            and (server_round > 0 or self.eval_start or num_rounds == 0)]
@@ -468,61 +350,6 @@ def task_scores(by_node: Mapping[int, Mapping[str, Mapping[str, float]]],
                 per_task.setdefault(metric, []).append(value)
     return {view: {task: {m: mean(v) for m, v in metrics.items()} for task, metrics in sorted(tasks.items())}
             for view, tasks in collected.items()}
-
-
-def label_nodes(nodes: Iterable[NodeTask]) -> list[NodeTask]:
-    """Name every node for the records: its task, or ``task#i`` (i = 1, 2, ... in the order of the nodes'
-    site names) when several nodes hold the task, so that nothing keyed by the label collides and the
-    sampling order does not depend on the random node ids."""
-    by_task: dict[str, list[NodeTask]] = {}
-    for node in nodes:
-        by_task.setdefault(node.name, []).append(node)
-    labelled = []
-    for task, group in sorted(by_task.items()):
-        if len(group) == 1:
-            labelled.append(replace(group[0], label=task))
-            continue
-        group.sort(key=lambda n: (n.site, n.node_id))
-        if len({n.site for n in group}) < len(group):
-            log(WARNING, "Nodes %s hold task '%s' with the same site name %s: their order (and so the sampling) "
-                "depends on random node ids; give each site its own node config 'site'",
-                [n.node_id for n in group], task, sorted({n.site for n in group}))
-        labelled += [replace(n, label=f"{task}#{i}") for i, n in enumerate(group, start=1)]
-    return labelled
-
-
-def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5) -> list[int]:
-    """Node ids once ``expected`` nodes are connected; FederationError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) >= expected:
-            return node_ids
-        if time.monotonic() >= deadline:
-            raise FederationError(
-                f"only {len(node_ids)} of the {expected} expected nodes connected within {timeout:.0f}s "
-                "(federation.expected_nodes / federation.node_wait_timeout_s)"
-            )
-        time.sleep(poll)
-
-
-def check_consistent_tasks(nodes: Iterable[NodeTask]) -> None:
-    """Two nodes may hold the same task only if they agree on its definition (labels, pair-ness)."""
-    seen: dict[str, NodeTask] = {}
-    for node in nodes:
-        other = seen.setdefault(node.name, node)
-        if other.info != node.info:
-            raise FederationError(
-                f"nodes {other.node_id} and {node.node_id} claim incompatible definitions of task "
-                f"'{node.name}': {other.info} vs {node.info}"
-            )
-        if other.role != node.role:
-            raise FederationError(f"nodes {other.node_id} and {node.node_id} give task '{node.name}' "
-                                  f"different roles: {other.role} vs {node.role}")
-
-
-def _first_line(text: str, limit: int = 200) -> str:
-    return (text.strip().splitlines() or [""])[0][:limit]
 
 
 def _fmt(value: float | None) -> str:

@@ -38,6 +38,11 @@ class QueryAnswer:
     signature: str | None
 
 
+def first_line(text: str, limit: int = 200) -> str:
+    """The first line of an error message, capped: what a record keeps of a node's traceback."""
+    return (text.strip().splitlines() or [""])[0][:limit]
+
+
 def _record(msg: Message, key: str, kind: type) -> Any:
     content = msg.content
     if key not in content:

@@ -1,19 +1,26 @@
+import json
 import random
 
+import pytest
 import torch
 
-from app.run.checkpoint import config_differences, load_latest_checkpoint, save_checkpoint
+from app.run.checkpoint import config_differences, load_latest_checkpoint, resume_checkpoint, save_checkpoint
+from app.run.config import ConfigError
+from strategies.records import SCHEMA_VERSION, RoundRecord
 
 
 def test_checkpoint_round_trips_body_rng_history_and_config(tmp_path):
     rng = random.Random(5)
     rng.random()
     body = {"w": torch.randn(3, 2), "ids": torch.arange(4)}
-    save_checkpoint(tmp_path, 1, body, rng.getstate(), [{"round": 1}], {"seed": 0, "client": {"lr": 0.1}})
-    save_checkpoint(tmp_path, 2, body, rng.getstate(), [{"round": 1}, {"round": 2}], {"seed": 0})
+    save_checkpoint(tmp_path, 1, body, rng.getstate(), [RoundRecord(1)], {"seed": 0, "client": {"lr": 0.1}})
+    history = [RoundRecord(1), RoundRecord(2, fused=True, base_round=2, update_norms={"a": 0.5})]
+    save_checkpoint(tmp_path, 2, body, rng.getstate(), history, {"seed": 0})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-0002"]  # only the newest is kept
+    state = json.loads((tmp_path / "ckpt-0002" / "state.json").read_text())
+    assert state["schema"] == SCHEMA_VERSION and all(r["schema"] == SCHEMA_VERSION for r in state["history"])
     ckpt = load_latest_checkpoint(tmp_path)
-    assert ckpt.round == 2 and [h["round"] for h in ckpt.history] == [1, 2]
+    assert ckpt.round == 2 and ckpt.history == history
     assert all(torch.equal(ckpt.body[k], body[k]) for k in body)
     restored = random.Random()
     restored.setstate(ckpt.rng_state)
@@ -32,3 +39,13 @@ def test_config_differences_name_the_keys_and_allow_more_rounds():
     saved = {"rounds": 3, "seed": 0, "client": {"lr": 0.1, "batch_size": 32}, "resume": None}
     current = {"rounds": 5, "seed": 1, "client": {"lr": 0.1, "batch_size": 16}, "resume": "/x"}
     assert config_differences(saved, current) == ["client.batch_size: 32 -> 16", "seed: 0 -> 1"]
+
+
+def test_a_checkpoint_from_a_newer_version_is_refused_naming_the_file(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, random.Random(0).getstate(), [RoundRecord(1)], {})
+    state_file = tmp_path / "ckpt-0001" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["schema"] = SCHEMA_VERSION + 1
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=rf"resume=.*ckpt-0001/state.json: checkpoint schema {SCHEMA_VERSION + 1} is newer"):
+        resume_checkpoint(tmp_path, {}, allow_config_change=True)

@@ -19,7 +19,7 @@ from app.client_app import app as client_app
 from app.client_app import node_task_entry
 from app.run.config import compose_config, to_container
 from app.learning.model import body_signature, initial_body, save_fused_model
-from app.server_app import round_configs
+from app.run.server import round_configs
 from strategies.coldfusion import ColdFusion
 from tasks.registry import entry_key
 from tasks.spec import TaskDataError

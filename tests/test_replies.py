@@ -18,16 +18,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from app.client_app import app as client_app
 from app.site.faults import malformed_content
 from app.learning.model import initial_body
-from app.server_app import round_configs
-from strategies.coldfusion import (
-    ColdFusion,
-    FederationError,
-    NodeTask,
-    fused_norms,
-    label_nodes,
-    monitored_score,
-    task_scores,
-)
+from app.run.server import round_configs
+from strategies.coldfusion import ColdFusion, task_scores
+from strategies.discovery import FederationError, NodeTask, label_nodes
+from strategies.records import fused_norms, monitored_score, read_records
 from strategies.replies import MalformedReply, read_evaluate_reply, read_query_answer, read_train_reply
 from tasks.spec import TaskInfo
 from tests.conftest import model_json
@@ -255,15 +249,15 @@ def test_a_resumed_run_makes_the_same_back_tracking_decisions_as_an_uninterrupte
     # round 2 (0.0) and round 3 (0.40 < 0.60 - 0.05) are undone; round 4 (0.70) stands
     assert [r.rolled_back for r, _ in records] == [False, False, True, True, False]
     assert [r.base_round for r, _ in records] == [0, 1, 1, 1, 4]
-    assert monitored_score([asdict(r) for r, _ in records[:3]], "heldout") == 0.60  # not the undone 0.0
-    assert fused_norms([asdict(r) for r, _ in records[:3]]) == [records[2][0].update_norms[c]
+    assert monitored_score([r for r, _ in records[:3]], "heldout") == 0.60  # not the undone 0.0
+    assert fused_norms([r for r, _ in records[:3]]) == [records[2][0].update_norms[c]
                                                                 for c in records[2][0].fused_contributors]
 
     # resume after the rolled-back round 2: a new strategy, new node ids, the checkpoint's state only
     resumed_records: list = []
     resumed = _strategy(small_pool, resumed_records, **settings)
     resumed.rng.setstate(states[2])
-    history = [json.loads(json.dumps(asdict(r))) for r, _ in records[:3]]  # as read back from metrics.jsonl
+    history = read_records(json.loads(json.dumps(asdict(r))) for r, _ in records[:3])  # as read back from metrics.jsonl
     result = _start(resumed, _grid(_scripted_client, small_pool, node_id_step=-1), tiny_cfg,
                     records[2][1].to_torch_state_dict(), rounds=4, first_round=3, history=history)
     assert [(r.round, r.rolled_back, r.base_round, r.contributors) for r, _ in resumed_records] == \
@@ -285,7 +279,7 @@ def test_a_kept_head_lost_on_resume_is_recorded_as_fresh(tiny_cfg, small_pool, t
     again = _strategy(small_pool, resumed, contributors_per_round=None, eval_schedule={"probe": None})
     again.rng = random.Random(0)
     _start(again, _grid(client_app, small_pool), cfg, records[1][1].to_torch_state_dict(), rounds=2,
-           first_round=2, history=[asdict(r) for r, _ in records[:2]])
+           first_round=2, history=[r for r, _ in records[:2]])
     assert sorted(resumed[0][0].heads_fresh) == contributing and resumed[0][0].fused
 
 

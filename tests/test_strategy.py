@@ -9,14 +9,9 @@ from flwr.app import ArrayRecord, Error, Message, MessageType
 
 from app.client_app import app as client_app
 from app.learning.model import initial_body
-from app.server_app import round_configs
-from strategies.coldfusion import (
-    ColdFusion,
-    FederationError,
-    NodeTask,
-    check_consistent_tasks,
-    wait_for_nodes,
-)
+from app.run.server import round_configs
+from strategies.coldfusion import ColdFusion
+from strategies.discovery import FederationError, NodeTask, check_consistent_tasks, wait_for_nodes
 from tasks.spec import TaskInfo
 from tests.conftest import model_json
 from tests.inprocess import InProcessGrid

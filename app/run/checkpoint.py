@@ -1,8 +1,8 @@
 """Per-round checkpoints of a run, written atomically, and what resuming needs from them.
 
 ``<run dir>/ckpt-NNNN/`` holds ``body.safetensors`` (the base after round NNNN) and ``state.json``
-(the round, the sampler's random state, the history of round records, the resolved
-configuration). It is written as ``.ckpt-NNNN.tmp`` and renamed into place, so a crash mid-write leaves
+(the record schema version, the round, the sampler's random state, the history of round records, the
+resolved configuration). It is written as ``.ckpt-NNNN.tmp`` and renamed into place, so a crash mid-write leaves
 either the previous checkpoint or the new one, never a broken one. Both files and the temporary directory
 are fsynced before the rename and the run directory after it, so this also holds after a power loss
 (the rename is durable only once its directory is). Only the newest is kept.
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from app.run.outputs import fsync_path, strict
+from strategies.records import SCHEMA_VERSION, RecordError, RoundRecord, read_records
 
 # Keys that may differ between a run and its resumption: how to resume, and how long to go on.
 RESUMABLE_KEYS = ("resume", "resume_allow_config_change", "rounds")
@@ -31,20 +32,20 @@ class Checkpoint:
     round: int
     body: dict[str, torch.Tensor]
     rng_state: Any
-    history: list[dict[str, Any]]
+    history: list[RoundRecord]
     config: dict[str, Any]  # the resolved configuration the checkpoint was written under
 
 
 def save_checkpoint(run_dir: Path, server_round: int, body: Mapping[str, torch.Tensor], rng_state: Any,
-                    history: list[dict[str, Any]], config: Mapping[str, Any]) -> Path:
+                    history: list[RoundRecord], config: Mapping[str, Any]) -> Path:
     final = run_dir / f"ckpt-{server_round:04d}"
     tmp = run_dir / f".ckpt-{server_round:04d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in body.items()}, str(tmp / "body.safetensors"))
     fsync_path(tmp / "body.safetensors")
-    state = {"round": server_round, "rng_state": _jsonable(rng_state), "history": strict(history),
-             "config": dict(config)}
+    state = {"schema": SCHEMA_VERSION, "round": server_round, "rng_state": _jsonable(rng_state),
+             "history": strict([r.to_dict() for r in history]), "config": dict(config)}
     with open(tmp / "state.json", "w") as fh:
         json.dump(state, fh, allow_nan=False)
         fh.flush()
@@ -63,8 +64,14 @@ def load_latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     if not complete:
         return None
     state = json.loads((complete[-1] / "state.json").read_text())
+    try:  # the history's records carry their own version; the state file's is checked with them
+        if state.get("schema", 1) > SCHEMA_VERSION:
+            raise RecordError(f"checkpoint schema {state['schema']} is newer than this version reads ({SCHEMA_VERSION})")
+        history = read_records(state["history"])
+    except RecordError as exc:
+        raise RecordError(f"{complete[-1] / 'state.json'}: {exc}") from None
     return Checkpoint(state["round"], load_file(str(complete[-1] / "body.safetensors")),
-                      _tuples(state["rng_state"]), state["history"], state["config"])
+                      _tuples(state["rng_state"]), history, state["config"])
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -97,7 +104,10 @@ def resume_checkpoint(resume_dir: str | Path, current: Mapping[str, Any], allow_
     """The checkpoint to resume from; ConfigError if there is none or the configuration differs."""
     from app.run.config import ConfigError
 
-    checkpoint = load_latest_checkpoint(Path(resume_dir))
+    try:
+        checkpoint = load_latest_checkpoint(Path(resume_dir))
+    except RecordError as exc:
+        raise ConfigError(f"resume={resume_dir}: {exc}") from None
     if checkpoint is None:
         raise ConfigError(f"resume={resume_dir}: no complete checkpoint (ckpt-NNNN/) in that directory")
     differences = config_differences(checkpoint.config, current)

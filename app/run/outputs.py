@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+
+from strategies.records import RoundRecord, read_records
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -32,18 +33,18 @@ class RunOutputs:
         return cls(path)
 
     @classmethod
-    def reopen(cls, directory: str | Path, history: list[dict[str, Any]]) -> "RunOutputs":
+    def reopen(cls, directory: str | Path, history: list[RoundRecord]) -> "RunOutputs":
         """Continue a run's directory: its metrics file becomes exactly the checkpoint's history."""
         outputs = cls(Path(directory).expanduser().resolve())
         tmp = outputs.dir / f".{METRICS_FILE}.tmp"
-        tmp.write_text("".join(json_line(record) for record in history))
+        tmp.write_text("".join(json_line(record.to_dict()) for record in history))
         os.replace(tmp, outputs.dir / METRICS_FILE)
         return outputs
 
-    def append_round(self, record: Any) -> None:
+    def append_round(self, record: RoundRecord) -> None:
         """One JSON line per round, flushed and fsynced so a crash never loses a finished round."""
         with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-            fh.write(json_line(asdict(record)))
+            fh.write(json_line(record.to_dict()))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -85,8 +86,14 @@ def json_line(record: dict[str, Any]) -> str:
 
 
 def read_metrics(directory: str | Path) -> list[dict[str, Any]]:
+    """The lines of a run's ``metrics.jsonl`` as written (plain JSON objects)."""
     path = Path(directory) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_round_records(directory: str | Path) -> list[RoundRecord]:
+    """A run's round records, typed (``strategies.records``; older versions upgraded)."""
+    return read_records(read_metrics(directory))
 
 
 def summary_table(records: Iterable[dict[str, Any]]) -> Table:

@@ -1,0 +1,143 @@
+"""The round record: the one schema that the strategy writes and everything else reads.
+
+One :class:`RoundRecord` per round is one line of a run's ``metrics.jsonl`` and one entry of the history in
+its checkpoint; the report, the sweep summary, the model card and a resumed strategy all read it back
+through :func:`read_records`, which accepts every version written so far and refuses newer ones.
+
+Versions (``schema`` in every record; records without it are version 1):
+
+* 1: the first released layout (no ``schema`` or ``regression``; ``base_round`` only in its later files);
+* 2: adds ``schema``, ``base_round`` (the round whose fusion produced the base in effect, derived for version 1
+  from ``fused`` and ``rolled_back``) and ``regression`` (the tasks scored by Pearson r, derived for version 1
+  from the metric names in ``scores``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SCHEMA_VERSION = 2
+ROLES = ("contributing", "heldout")  # "seen" and "unseen" in the paper's words
+
+# Score series of a record: field -> (the evaluation view it comes from, the prefix of its metrics in that
+# view). The probe view scores two poolings in one pass; the first-token probe is the paper's ColD-Frozen view.
+SERIES = {"probe": ("probe", ""), "probe_mean_pool": ("probe", "mean_pool_"), "finetune": ("finetune", "")}
+
+
+class RecordError(ValueError):
+    """A record that cannot be read; the message says which round and why."""
+
+
+@dataclass
+class RoundRecord:
+    """Everything that happened in one round.
+
+    Contributors are named by label (the task, or ``task#i`` when several nodes hold one task); scores are per
+    task (the mean over the task's nodes that answered).
+    """
+
+    round: int
+    schema: int = SCHEMA_VERSION
+    contributors: list[str] = field(default_factory=list)
+    fused_contributors: list[str] = field(default_factory=list)  # the contributions that entered the fusion
+    train_loss: dict[str, float] = field(default_factory=dict)  # well-formed replies only (finite by then)
+    train_examples: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # "label: reason": error, malformed and missing replies
+    rejections: list[str] = field(default_factory=list)  # "label (node n): reason": contributions failing validation
+    notes: list[str] = field(default_factory=list)  # checks that could not be applied, and why
+    heads_fresh: list[str] = field(default_factory=list)  # head_policy=keep: contributors whose head started fresh
+    update_norms: dict[str, float] = field(default_factory=dict)  # L2 norm of each well-formed update
+    fused: bool = False
+    rolled_back: bool = False  # back-tracking undid this round's fusion
+    base_round: int = 0  # the round whose fusion produced the base in effect after this round (0: the start model)
+    roles: dict[str, str] = field(default_factory=dict)  # task -> contributing ("seen") | heldout ("unseen")
+    regression: list[str] = field(default_factory=list)  # tasks scored by Pearson r: left out of the role means
+    # Per score series (SERIES): each task's primary score (accuracy, Pearson r for regression) and the
+    # means over the classification tasks of each role (regression is left out of the means, as in the paper).
+    probe: dict[str, float] = field(default_factory=dict)
+    probe_contributing: float | None = None
+    probe_heldout: float | None = None
+    probe_mean_pool: dict[str, float] = field(default_factory=dict)
+    probe_mean_pool_contributing: float | None = None
+    probe_mean_pool_heldout: float | None = None
+    finetune: dict[str, float] = field(default_factory=dict)
+    finetune_contributing: float | None = None
+    finetune_heldout: float | None = None
+    scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # view -> task -> every metric
+    few_shot: int | None = None  # held-out tasks trained on this many examples in the views
+    seconds_train: float = 0.0
+    seconds_eval: float = 0.0
+
+    def series_mean(self, series: str, role: str) -> float | None:
+        """The mean of a score series over the classification tasks of a role (None where it did not run)."""
+        return getattr(self, f"{series}_{role}")
+
+    def evaluated(self, series: str) -> bool:
+        """Did this round score its base in ``series``, and does that base still stand (not rolled back)?"""
+        return bool(getattr(self, series)) and not self.rolled_back
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FIELDS = {f.name for f in fields(RoundRecord)}
+
+
+def read_records(raw: Iterable[Mapping[str, Any]]) -> list[RoundRecord]:
+    """Typed records from their JSON form, any version up to :data:`SCHEMA_VERSION` (older ones upgraded)."""
+    records: list[RoundRecord] = []
+    for data in raw:
+        if not isinstance(data, Mapping) or not isinstance(data.get("round"), int):
+            raise RecordError(f"record {len(records) + 1}: expected an object with an integer 'round'")
+        version = data.get("schema", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise RecordError(f"round {data['round']}: record schema {version!r} is newer than this version of "
+                              f"the project reads ({SCHEMA_VERSION}); upgrade coldfusion-flower")
+        unknown = set(data) - FIELDS
+        if unknown:
+            raise RecordError(f"round {data['round']}: unknown record field(s) {sorted(unknown)} "
+                              f"for schema version {version}")
+        record = RoundRecord(**{k: v for k, v in data.items() if k != "schema"})
+        if version < 2:
+            if "base_round" not in data:  # written before back-tracking recorded it
+                record.base_round = _v1_base_round(record, records[-1].base_round if records else 0)
+            record.regression = sorted({task for per_task in record.scores.values()
+                                        for task, metrics in per_task.items() if "pearson" in metrics})
+        records.append(record)
+    return records
+
+
+def _v1_base_round(record: RoundRecord, previous: int) -> int:
+    return record.round if record.fused and not record.rolled_back else previous
+
+
+def monitored_score(history: Sequence[RoundRecord], monitor: str) -> float | None:
+    """The back-tracking reference after ``history``: the monitored probe mean of the current base, i.e. of
+    the last round that was not rolled back (a rolled-back round's score describes a base that was undone)."""
+    scores = [r.series_mean("probe", monitor) for r in history if not r.rolled_back]
+    scores = [s for s in scores if s is not None]
+    return scores[-1] if scores else None
+
+
+def fused_norms(history: Sequence[RoundRecord]) -> list[float]:
+    """Update norms of the contributions fused in the last fused round (validation's reference norms)."""
+    for record in reversed(history):
+        if record.fused:
+            return [float(record.update_norms[c]) for c in record.fused_contributors if c in record.update_norms]
+    return []
+
+
+def saved_model_record(records: Sequence[RoundRecord], series: str) -> RoundRecord | None:
+    """The latest record whose ``series`` scores describe the saved model (the base after the last round), or
+    None when no round scored that base in this series. After back-tracking that is an earlier round."""
+    if not records:
+        return None
+    saved = records[-1].base_round
+    for record in reversed(records):
+        if record.base_round != saved:
+            break
+        if record.evaluated(series):
+            return record
+    return None
