@@ -186,7 +186,8 @@ def _run(args) -> int:
 def _results(output_dir: Path, run_id: int | None = None) -> int:
     from rich.console import Console
 
-    from app.run.outputs import read_metrics, summary_table
+    from app.report import summary_table
+    from app.run.outputs import read_round_records
 
     pattern = f"*-run{run_id}" if run_id is not None else "*-run*"
     runs = sorted(p for p in Path(output_dir).glob(pattern) if p.is_dir())
@@ -195,7 +196,7 @@ def _results(output_dir: Path, run_id: int | None = None) -> int:
         return 1
     run_dir = runs[-1]
     if (run_dir / "metrics.jsonl").exists():
-        Console().print(summary_table(read_metrics(run_dir)))
+        Console().print(summary_table(read_round_records(run_dir)))
     print(f"report: {run_dir / 'metrics.jsonl'}\nconfig: {run_dir / 'config.yaml'}\nfused model: {run_dir / 'model'}")
     return 0
 

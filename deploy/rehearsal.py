@@ -29,7 +29,8 @@ from rich.console import Console
 
 from app.run.config import compose_config
 from app.run.superlink import default_output_root, flwr_env, free_port, run_timeout, submit_run
-from app.run.outputs import read_metrics, summary_table
+from app.report import summary_table
+from app.run.outputs import read_round_records
 from deploy.tooling import (
     Processes,
     make_ca,
@@ -94,12 +95,12 @@ def check_report(run_dir: Path | None) -> list[str]:
     if run_dir is None or not (run_dir / "metrics.jsonl").exists():
         return ["no metrics.jsonl was written"]
     problems = []
-    for record in read_metrics(run_dir):
-        problems += [f"round {record['round']}: {f}" for f in record["failures"]]
-        if record["round"] > 0 and not record["fused"]:
-            problems.append(f"round {record['round']}: nothing was fused")
-        if not record["probe"]:
-            problems.append(f"round {record['round']}: no probe score came back")
+    for record in read_round_records(run_dir):
+        problems += [f"round {record.round}: {f}" for f in record.failures]
+        if record.round > 0 and not record.fused:
+            problems.append(f"round {record.round}: nothing was fused")
+        if not record.probe:
+            problems.append(f"round {record.round}: no probe score came back")
     if not (run_dir / "model" / "model.safetensors").exists():
         problems.append("the fused model was not saved")
     return problems
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = check_report(run_dir)
     ok = status == "finished:completed" and not problems
     if run_dir is not None and (run_dir / "metrics.jsonl").exists():
-        console.print(summary_table(read_metrics(run_dir)))
+        console.print(summary_table(read_round_records(run_dir)))
     console.print(f"run {run_id} status: [{'green' if status == 'finished:completed' else 'red'}]{status}[/]")
     for problem in problems:
         console.print(f"[red]problem:[/red] {problem}")

@@ -103,6 +103,8 @@ def read_records(raw: Iterable[Mapping[str, Any]]) -> list[RoundRecord]:
         if version < 2:
             if "base_round" not in data:  # written before back-tracking recorded it
                 record.base_round = _v1_base_round(record, records[-1].base_round if records else 0)
+            if "fused_contributors" not in data and record.fused:  # the first files: every contributor was fused
+                record.fused_contributors = list(record.contributors)
             record.regression = sorted({task for per_task in record.scores.values()
                                         for task, metrics in per_task.items() if "pearson" in metrics})
         records.append(record)

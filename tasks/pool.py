@@ -1,24 +1,13 @@
-"""Show how the task pool resolves, before a run: ``python -m tasks.pool [hydra overrides...]``.
-
-    python -m tasks.pool tasks=paper
-    python -m tasks.pool tasks=paper tasks.fold=2 tasks.resolve=auto
-
-Composes the run configuration like the launcher does (``app.run.config.compose_config``), resolves
-``tasks`` without loading any data (:func:`tasks.registry.resolve_pool`) and prints one row per
-dataset (name, role, where it resolved to, or MISSING and why) and the counts. The table is shown
-whatever ``tasks.on_missing`` says; then the policy is applied as a run would: with
-``on_missing=error`` and missing datasets, or any configuration error, the message goes to stderr
-and the exit status is 2.
+"""A task pool's resolution in words: one row per dataset (name, role, where it resolved to, or MISSING
+and why) and the counts. The command that prints it for a configuration is ``coldfusion-pool``
+(``app.run.pool``), where the configuration is composed.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-from tasks.registry import ROLES, PoolResolution, resolve_pool
-from tasks.spec import TaskDataError
+from tasks.registry import ROLES, PoolResolution
 
 
 def describe(entry: dict[str, Any]) -> str:
@@ -58,25 +47,3 @@ def render(resolution: PoolResolution) -> str:
         lost = sum(m.role == role for m in resolution.missing)
         lines.append(f"  {role}: {have} of {have + lost}" + (f" ({lost} missing)" if lost else ""))
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from app.run.config import ConfigError, compose_config, to_container
-
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    try:
-        resolution = resolve_pool(to_container(compose_config("", overrides), "tasks"), check=False)
-    except (TaskDataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(render(resolution))
-    try:
-        resolution.check()
-    except TaskDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

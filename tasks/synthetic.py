@@ -1,5 +1,8 @@
 """A seeded family of 35 synthetic text-classification tasks over a small artificial language.
 
+Why this file is long: it is one generator (a lexicon, a sentence grammar and the 35 label functions over
+the same hidden attributes); split, its parts would only be read together.
+
 The language
 ------------
 Every word is a lower-case pseudo-word ("bako", "tirel") drawn for the seed, and every word carries

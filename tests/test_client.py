@@ -16,7 +16,7 @@ from flwr.app import (
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from app.client_app import app as client_app
-from app.client_app import node_task_entry
+from app.site.contributor import node_task_entry
 from app.run.config import compose_config, to_container
 from app.learning.model import body_signature, initial_body, save_fused_model
 from app.run.server import round_configs

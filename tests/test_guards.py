@@ -23,6 +23,7 @@ from app.run.outputs import RunOutputs, json_line, read_metrics, strict
 from app.learning.probe import extract_features
 from app.run.sweep import final_scores
 from strategies.coldfusion import RoundRecord
+from strategies.records import read_records
 from tasks.registry import entry_key, load_task_cached
 from tasks.tokenize import tokenize_task
 from tests.test_client import _train_message
@@ -44,11 +45,11 @@ def test_records_are_written_as_strict_json_with_null_for_non_finite_values(tmp_
 
 
 def test_the_summary_table_averages_the_losses_of_fused_contributions_only():
-    from app.run.outputs import render_table
+    from app.report import render_table
 
-    record = {"round": 1, "contributors": ["a", "b", "c"], "fused_contributors": ["a", "b"],
-              "train_loss": {"a": 1.0, "b": 3.0, "c": 100.0}, "failures": [], "rejections": ["c (node 1): big"],
-              "probe_contributing": 0.5, "probe_heldout": 0.4, "seconds_train": 1.0, "seconds_eval": 1.0}
+    record = RoundRecord(1, contributors=["a", "b", "c"], fused_contributors=["a", "b"],
+                         train_loss={"a": 1.0, "b": 3.0, "c": 100.0}, rejections=["c (node 1): big"],
+                         probe_contributing=0.5, probe_heldout=0.4, seconds_train=1.0, seconds_eval=1.0)
     row = next(line for line in render_table([record], width=200).splitlines() if line.strip("│ ").startswith("1 "))
     assert "2.000" in row and "34.667" not in row
 
@@ -181,8 +182,8 @@ def test_a_sweep_row_describes_the_saved_model():
                {"round": 2, "fused": True, "rolled_back": True, "base_round": 1, "probe": {"a": 0.1},
                 "probe_contributing": 0.1, "probe_heldout": 0.9, "finetune": {"a": 0.2},
                 "finetune_contributing": 0.2, "finetune_heldout": 0.2}]
-    assert final_scores(records) == {"seen": 0.7, "unseen": 0.6, "finetune_seen": None, "finetune_unseen": None,
-                                     "best_round": 1, "best_unseen": 0.6}
+    assert final_scores(read_records(records)) == {"seen": 0.7, "unseen": 0.6, "finetune_seen": None,
+                                                   "finetune_unseen": None, "best_round": 1, "best_unseen": 0.6}
 
 
 def test_a_sites_contribution_log_is_strict_json_too(tmp_path):

@@ -12,7 +12,6 @@ from app.learning.model import (
     ModelLoadError,
     body_state,
     build_classifier,
-    build_tiny_model,
     check_layout,
     head_state,
     initial_body,
@@ -22,6 +21,7 @@ from app.learning.model import (
     resolve_model,
     save_fused_model,
 )
+from app.learning.tiny import build_tiny_model
 from tests.conftest import SPLITS
 
 

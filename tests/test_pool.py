@@ -1,5 +1,5 @@
 """The paper's dataset pool (conf/tasks/paper.yaml): offline resolution, missing datasets, k-fold roles,
-multi-field formatters and the ``python -m tasks.pool`` CLI.
+multi-field formatters and the ``coldfusion-pool`` CLI (app/run/pool.py).
 
 No network: hub definitions are only resolved (never fetched), except a local directory laid out like
 a hub dataset repo. Tests that read shared/data beside the repository are skipped when it is absent.
@@ -321,7 +321,7 @@ def test_hub_loader_format_errors(tmp_path):
 
 def _cli(*args: str, data_root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLDFUSION_DATA_ROOT": str(data_root)}
-    return subprocess.run([sys.executable, "-m", "tasks.pool", *args], check=False, cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "app.run.pool", *args], check=False, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from app.report import PNG_MAGIC, main, write_model_card, write_report
+from app.report import PNG_MAGIC, main, saved_model_record, write_model_card, write_report
+from strategies.records import read_records
 
 ROLES = {"sst2": "contributing", "stsb": "contributing", "rte": "heldout", "wnli": "heldout"}
 REGRESSION = {"stsb"}
@@ -167,7 +170,7 @@ def _card_header(text: str) -> dict:
 
 def test_model_card_has_hub_header_and_measured_scores(run_dir):
     config = OmegaConf.load(run_dir / "config.yaml")  # a DictConfig, as the ServerApp holds it
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
     card = write_model_card(run_dir / "model", config, records, [{"name": "mnli", "role": "contributing",
                                                                   "reason": "absent"}])
     assert card == run_dir / "model" / "README.md"
@@ -190,7 +193,7 @@ def test_model_card_has_hub_header_and_measured_scores(run_dir):
 
 
 def test_model_card_omits_base_model_for_the_tiny_alias(tmp_path):
-    records = [_record(0, PROBE[0], {}, [])]
+    records = read_records([_record(0, PROBE[0], {}, [])])
     text = write_model_card(tmp_path / "m", {"model": {"name_or_path": "tiny"}}, records).read_text()
     meta = _card_header(text)
     assert "base_model" not in meta
@@ -254,7 +257,7 @@ def test_final_figures_describe_the_saved_model_when_the_last_round_was_rolled_b
     assert "final n/a (no round scored the saved model in this view)" in text
     assert "Full finetune (ColD): n/a: no round scored the saved model" in text
     assert "The saved model is the base produced in round 1" in text
-    card = write_model_card(run / "model", OmegaConf.load(run / "config.yaml"), records).read_text()
+    card = write_model_card(run / "model", OmegaConf.load(run / "config.yaml"), read_records(records)).read_text()
     meta = _card_header(card)
     values = {(r["task"]["name"], r["dataset"]["name"]): r["metrics"][0] for r in meta["model-index"][0]["results"]}
     assert values[("Linear probe, first token (ColD-Frozen)", "unseen datasets (heldout)")]["value"] == 48.0
@@ -264,11 +267,40 @@ def test_final_figures_describe_the_saved_model_when_the_last_round_was_rolled_b
 
 
 def test_older_records_without_base_round_derive_it():
-    from app.report import base_rounds, saved_model_record
-
-    records = [{"round": 0, "fused": False}, {"round": 1, "fused": True},
-               {"round": 2, "fused": True, "rolled_back": True, "probe": {"a": 1.0}},
-               {"round": 3, "fused": False, "probe": {"a": 0.5}}]
-    assert base_rounds(records) == [0, 1, 1, 1]
-    assert saved_model_record(records, "probe")["round"] == 3  # round 3 did not fuse: it scored round 1's base
+    records = read_records([{"round": 0, "fused": False}, {"round": 1, "fused": True},
+                            {"round": 2, "fused": True, "rolled_back": True, "probe": {"a": 1.0}},
+                            {"round": 3, "fused": False, "probe": {"a": 0.5}}])
+    assert [r.base_round for r in records] == [0, 1, 1, 1]
+    assert saved_model_record(records, "probe").round == 3  # round 3 did not fuse: it scored round 1's base
     assert saved_model_record(records[:3], "probe") is None  # only the undone base was scored
+
+
+COMMITTED_RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "realdata-poolings"
+
+
+def test_the_committed_benchmark_run_loads_and_reports_the_same_heldout_means(tmp_path):
+    """The committed real-data run (version-1 records, upgraded on reading) goes through coldfusion-report;
+    its per-round held-out first-token probe means equal the means of the committed metrics.csv's per-task
+    accuracies (regression tasks, scored by Pearson r, left out), an oracle computed here from scratch."""
+    run = shutil.copytree(COMMITTED_RUN, tmp_path / "realdata-poolings")
+    assert main([str(run)]) == 0
+    text = (run / "report" / "report.md").read_text()
+    with open(COMMITTED_RUN / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    regression = {r["task"] for r in rows if r["metric"] == "pearson"}
+    accuracies: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        if (r["view"], r["role"], r["metric"]) == ("probe", "heldout", "accuracy") and r["task"] not in regression:
+            accuracies[int(r["round"])].append(float(r["value"]))
+    oracle = {n: 100 * sum(v) / len(v) for n, v in accuracies.items()}
+    assert regression == {"stsb"} and sorted(oracle) == [0, 1, 2, 3, 4, 5]
+    assert len(accuracies[0]) == 6  # the seven held-out datasets less stsb
+    assert round(oracle[0], 1) != round(oracle[5], 1)  # the check tells rounds apart
+    for n, mean in oracle.items():  # per-round table: round, contributors, probe seen, probe unseen, ...
+        assert _row(text, str(n))[0][3] == f"{mean:.1f}", n
+    # the first-token per-task section: its unseen mean at round 0 and at the saved model (round 5)
+    assert "Linear probe, first token (ColD-Frozen): start (round 0) vs final (round 5, the saved model)" in text
+    assert _row(text, "**mean unseen**")[0][3:5] == [f"{oracle[0]:.1f}", f"{oracle[5]:.1f}"]
+    assert "Regression datasets (Pearson r, left out of the means): stsb" in text
+    # and the long CSV made from the records now is the one committed with them
+    assert (run / "report" / "metrics.csv").read_text() == (COMMITTED_RUN / "metrics.csv").read_text()

@@ -6,7 +6,8 @@ import yaml
 from transformers import AutoModel
 
 from app.run.launch import main, run_simulation, simulation_superlink, submit_run
-from app.run.outputs import pct, read_metrics
+from app.report import pct
+from app.run.outputs import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from app.run.config import CONF_DIR, compose_config, to_container
+from app.run.sweep import sweep_jobs
 from app.learning.model import resolve_model
 from tasks.registry import build_pool
 
@@ -80,10 +81,14 @@ def test_a_two_job_sweep_runs_two_real_simulations_and_summarises_them(tmp_path)
     assert (tmp_path / "sweep" / "summary.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
-def test_a_sweep_with_an_invalid_job_reports_it_and_exits_non_zero(tmp_path):
-    done = _sweep(tmp_path, "rounds=1,abc")
-    assert done.returncode != 0
-    rows = _rows(tmp_path)
-    assert [r["status"] for r in rows] == ["completed", "failed"]
-    assert "config key 'rounds' must be int" in rows[1]["reason"]
+def test_a_sweep_with_an_invalid_job_stops_before_any_job_runs(tmp_path):
+    # rounds=1 alone would run; the second job's value is refused while composing, before the first starts.
+    done = _sweep(tmp_path, "rounds=1,abc", "seed=0,1")
+    assert done.returncode == 2
+    assert "rounds=abc seed=0]: config key 'rounds' must be int, got 'abc'" in done.stderr
+    assert not (tmp_path / "sweep").exists()  # no job ran, nothing half-written
+
+
+def test_sweep_jobs_are_expanded_like_hydra_does():
+    assert sweep_jobs(["-m", "experiment=tiny_sweep", "seed=0,1", "hydra.sweep.dir=/x", "rounds=2"]) == [
+        ["experiment=tiny_sweep", "seed=0", "rounds=2"], ["experiment=tiny_sweep", "seed=1", "rounds=2"]]

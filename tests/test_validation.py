@@ -126,7 +126,7 @@ def test_relative_rule_with_one_contribution_uses_the_last_fused_round_or_says_i
     big = Contribution(0, "t0", 3, _scaled(base, alone.body, 10))
     _, rejected, norms, notes = screen([big], base, 3, max_relative_norm=5, reference_norms=[honest, honest * 1.1])
     assert [r.label for r in rejected] == ["t0"] and not notes
-    assert f"median of 2 peers" in rejected[0].reason and norms["t0"] == pytest.approx(10 * honest, rel=1e-6)
+    assert "median of 2 peers" in rejected[0].reason and norms["t0"] == pytest.approx(10 * honest, rel=1e-6)
     valid, rejected, _, _ = screen([alone], base, 3, max_relative_norm=5, reference_norms=[honest, honest * 1.1])
     assert len(valid) == 1 and not rejected
 

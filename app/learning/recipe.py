@@ -4,14 +4,18 @@ optionally with the paper's early stopping on a dev split.
 Early stopping (``recipe["early_stopping"]``, the paper's rule): evaluate the dev split every
 ``every_examples`` training examples; stop once the best dev score has gained less than ``min_gain``
 over the last ``patience_examples`` examples; the weights of the best evaluation are restored.
+
+The optimisation itself (``RecipeOptimizer``, ``train_steps``) is shared with the centralised multitask
+baseline (``app.run.multitask``), so both train with exactly the same recipe.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -50,6 +54,54 @@ class EarlyStopping:
         return bool(past) and self.best - past[-1] < self.min_gain
 
 
+@dataclass
+class RecipeOptimizer:
+    """The recipe's optimisation of a set of parameters: AdamW with weight decay, a linear schedule that
+    warms up over the first ``warmup_ratio`` of the steps, optional gradient clipping."""
+
+    parameters: list[torch.nn.Parameter]  # each once, even where models share a body (clipping sees them all)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    max_grad_norm: float | None
+
+    @classmethod
+    def build(cls, parameters: list[torch.nn.Parameter], recipe: Mapping[str, Any],
+              total_steps: int) -> RecipeOptimizer:
+        optimizer = torch.optim.AdamW(parameters, lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]))
+        warmup = math.ceil(float(recipe["warmup_ratio"]) * total_steps)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+        clip = recipe.get("max_grad_norm")
+        return cls(parameters, optimizer, scheduler, None if clip is None else float(clip))
+
+    def step(self, model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One optimisation step of ``model`` on ``batch`` (already on its device); returns the batch's loss."""
+        loss = model(**batch).loss
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+def train_steps(batches: Iterable[tuple[Any, Mapping[str, torch.Tensor]]], optimizer: RecipeOptimizer,
+                device) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """One optimisation step per ``(model, batch)`` of ``batches``; yields each batch (on ``device``) and its loss.
+
+    A generator, so that each caller keeps its own bookkeeping between steps (early stopping, progress)
+    and may stop by leaving its loop. Dropout draws from torch's global generator: seed it beforehand.
+    """
+    for model, batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        yield batch, optimizer.step(model, batch)
+
+
+def endless(loader: DataLoader) -> Iterator[Any]:
+    """The loader's batches, epoch after epoch; a shuffling loader reshuffles each epoch with its generator."""
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
 def finetune(model, train_set, tokenizer, recipe: Mapping[str, Any], seed: int, device,
              dev_set=None, regression: bool = False) -> TrainStats:
     """Finetune the whole model on ``train_set`` (tokenised) within the recipe's budget.
@@ -64,8 +116,7 @@ def finetune(model, train_set, tokenizer, recipe: Mapping[str, Any], seed: int, 
     loader = DataLoader(train_set.with_format("torch"), batch_size=batch_size, shuffle=True, generator=generator,
                         collate_fn=DataCollatorWithPadding(tokenizer))
     total = _budget(len(loader), recipe.get("max_steps"), recipe.get("epochs"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]))
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(float(recipe["warmup_ratio"]) * total), total)
+    optimizer = RecipeOptimizer.build(list(model.parameters()), recipe, total)
     rule = recipe.get("early_stopping") if dev_set is not None else None
     stopper = EarlyStopping(rule["patience_examples"], rule["min_gain"]) if rule else None
     eval_every = max(1, math.ceil(int(rule["every_examples"]) / batch_size)) if rule else 0
@@ -74,28 +125,20 @@ def finetune(model, train_set, tokenizer, recipe: Mapping[str, Any], seed: int, 
     model.to(device).train()
     torch.manual_seed(seed)  # dropout masks
     loss_sum = 0.0
-    while stats.steps < total and not stats.stopped_early:
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            loss.backward()
-            if recipe.get("max_grad_norm") is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(recipe["max_grad_norm"]))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            stats.steps += 1
-            stats.examples += batch["labels"].shape[0]
-            loss_sum += loss.item()
-            last = stats.steps >= total
-            if stopper is not None and (stats.steps % eval_every == 0 or last):
-                score = primary(evaluate_model(model, dev_set, tokenizer, batch_size, device, regression))
-                stats.dev_curve.append((stats.examples, score))
-                if score > stopper.best:
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                stats.stopped_early = stopper.update(stats.examples, score) and not last
-                model.train()
-            if last or stats.stopped_early:
+    batches = ((model, batch) for batch in itertools.islice(endless(loader), total))  # the step budget
+    for batch, loss in train_steps(batches, optimizer, device):
+        stats.steps += 1
+        stats.examples += batch["labels"].shape[0]
+        loss_sum += loss.item()
+        last = stats.steps >= total
+        if stopper is not None and (stats.steps % eval_every == 0 or last):
+            score = primary(evaluate_model(model, dev_set, tokenizer, batch_size, device, regression))
+            stats.dev_curve.append((stats.examples, score))
+            if score > stopper.best:
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            stats.stopped_early = stopper.update(stats.examples, score) and not last
+            model.train()
+            if stats.stopped_early:
                 break
     if best_state is not None:
         model.load_state_dict(best_state)

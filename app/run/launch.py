@@ -44,8 +44,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from app.run.checkpoint import resume_checkpoint
-from app.run.config import ConfigError, compose_config, to_container
-from app.run.outputs import read_metrics, summary_table
+from app.run.config import ConfigError, compose_config, to_container, validate_config
+from app.report import summary_table
+from app.run.outputs import read_round_records
 from app.run.superlink import (
     CONNECTION,
     RunTimeoutError,
@@ -114,13 +115,18 @@ def check_pool(cfg: DictConfig, pool: list[dict]) -> None:
 
 
 def run_simulation(overrides: list[str], experiment: str = "", output_root: Path | None = None,
-                   cpus_per_client: int = 1) -> tuple[str, Path | None]:
-    """Compose, launch, wait; return (final status, the run's output directory)."""
-    cfg = compose_config(experiment, overrides)
-    if cfg.tasks.get("data_root") and not Path(str(cfg.tasks.data_root)).is_absolute():
+                   cpus_per_client: int = 1, cfg: DictConfig | None = None) -> tuple[str, Path | None]:
+    """Compose, launch, wait; return (final status, the run's output directory).
+
+    ``cfg``: the configuration already composed from ``experiment`` and ``overrides`` (a sweep job's), checked
+    here instead of composed again. The ServerApp composes the same overrides in its own process.
+    """
+    cfg = compose_config(experiment, overrides) if cfg is None else validate_config(cfg)
+    data_root = cfg.tasks.get("data_root")
+    if data_root and not Path(str(data_root)).is_absolute():
         # The ServerApp runs in the SuperLink's working directory: hand it the path meant here.
-        overrides = [*overrides, f"tasks.data_root={Path(str(cfg.tasks.data_root)).resolve()}"]
-        cfg = compose_config(experiment, overrides)  # exactly what the ServerApp will compose
+        cfg.tasks.data_root = str(Path(str(data_root)).resolve())
+        overrides = [*overrides, f"tasks.data_root={cfg.tasks.data_root}"]
     if cfg.resume:  # fail here, with the differing keys named, rather than in the ServerApp
         resume_checkpoint(cfg.resume, to_container(cfg), bool(cfg.resume_allow_config_change))
     pool = build_pool(to_container(cfg, "tasks"))
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 1
     if run_dir is not None and (run_dir / "metrics.jsonl").exists():
-        console.print(summary_table(read_metrics(run_dir)))
+        console.print(summary_table(read_round_records(run_dir)))
     ok = status == "finished:completed"
     console.print(f"run status: [{'green' if ok else 'red'}]{status}[/]; outputs: {run_dir}")
     if ok and run_dir is not None:

@@ -4,8 +4,9 @@
     coldfusion-sim experiment=realdata rounds=0 model.name_or_path=outputs/multitask   # same evaluation
 
 It is what ColD Fusion approximates without pooling the data: a shared body and a head per dataset,
-trained with the contributor recipe (optimizer, learning rate, schedule, batch size) for the same
-total number of steps a ColD Fusion run spends (rounds x contributors per round x client.max_steps).
+trained with the contributor recipe (the same optimizer, learning rate, schedule, clipping, batch size
+and training steps: ``app.learning.recipe``) for the same total number of steps a ColD Fusion run
+spends (rounds x contributors per round x client.max_steps).
 Each step takes one batch of one dataset, drawn uniformly at random, as ColD Fusion samples datasets
 uniformly. The body is saved like a fused one, so ``rounds=0`` evaluates it with the same harness,
 the same splits and the same views.
@@ -14,8 +15,6 @@ the same splits and the same views.
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
 import random
 import sys
 import time
@@ -24,9 +23,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
+from transformers import DataCollatorWithPadding
 
 from app.run.config import ConfigError, compose_config, to_container
+from app.learning.recipe import RecipeOptimizer, endless, train_steps
 from app.learning.model import (
     ModelLoadError,
     body_state,
@@ -72,31 +72,25 @@ def train_multitask(cfg, out_dir: Path, steps: int) -> dict[str, int]:
         train = tokenize_task(data, tokenizer, int(recipe["max_length"]))["train"].with_format("torch")
         loader = DataLoader(train, batch_size=int(recipe["batch_size"]), shuffle=True, collate_fn=DataCollatorWithPadding(tokenizer),
                             generator=torch.Generator().manual_seed(derive_seed(seed, info.name, "multitask")))
-        batches[info.name] = itertools.chain.from_iterable(itertools.repeat(loader))  # endless reshuffled epochs
+        batches[info.name] = endless(loader)
+    # the shared body's parameters once, not once per head: one update (and one clipping norm) per step
     parameters = list({id(p): p for m in models.values() for p in m.parameters()}.values())
-    optimizer = torch.optim.AdamW(parameters, lr=float(recipe["lr"]), weight_decay=float(recipe["weight_decay"]))
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(float(recipe["warmup_ratio"]) * steps), steps)
+    optimizer = RecipeOptimizer.build(parameters, recipe, steps)
     device = pick_device(str(recipe["device"]))
     for model in models.values():
         model.to(device).train()
-    rng, counts = random.Random(seed), dict.fromkeys(models, 0)
-    torch.manual_seed(seed)
+    # each step trains one dataset drawn uniformly at random, as ColD Fusion samples datasets
+    rng, datasets = random.Random(seed), sorted(models)
+    names = [rng.choice(datasets) for _ in range(steps)]
+    torch.manual_seed(seed)  # dropout masks
     start = time.perf_counter()
-    for step in range(steps):
-        name = rng.choice(sorted(models))
-        batch = {k: v.to(device) for k, v in next(batches[name]).items()}
-        loss = models[name](**batch).loss
-        loss.backward()
-        if recipe.get("max_grad_norm") is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, float(recipe["max_grad_norm"]))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        counts[name] += 1
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            console.print(f"multitask step {step + 1}/{steps} ({time.perf_counter() - start:.0f}s): {name} loss {loss.item():.3f}")
+    drawn = ((models[name], next(batches[name])) for name in names)
+    losses = (loss for _, loss in train_steps(drawn, optimizer, device))
+    for step, (name, loss) in enumerate(zip(names, losses), start=1):
+        if step % 100 == 0 or step == steps:
+            console.print(f"multitask step {step}/{steps} ({time.perf_counter() - start:.0f}s): {name} loss {loss.item():.3f}")
     save_fused_model(path, body_state(next(iter(models.values()))), out_dir)
-    return counts
+    return {name: names.count(name) for name in models}  # steps per dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""A run's output directory: resolved config, per-round metrics, the fused model, the summary table."""
+"""A run's output directory: resolved config, per-round metrics (written and read back), the fused model."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 
 from strategies.records import RoundRecord, read_records
 
@@ -94,38 +92,3 @@ def read_metrics(directory: str | Path) -> list[dict[str, Any]]:
 def read_round_records(directory: str | Path) -> list[RoundRecord]:
     """A run's round records, typed (``strategies.records``; older versions upgraded)."""
     return read_records(read_metrics(directory))
-
-
-def summary_table(records: Iterable[dict[str, Any]]) -> Table:
-    """Round-by-round table: contributors, skipped ones (failed or rejected), the mean train loss of the fused
-    contributions, both probes' means (first token: the paper's view; mean pooling), seconds."""
-    table = Table(title="ColD Fusion: linear-probe score of the base after each round")
-    for column in ("round", "contributors", "skipped", "train loss", "probe seen", "probe unseen",
-                   "mean-pool seen", "mean-pool unseen", "seconds"):
-        table.add_column(column, justify="right")
-    for r in records:
-        fused = r.get("fused_contributors", r["contributors"] if r.get("fused") else [])
-        losses = [r["train_loss"][c] for c in fused if r["train_loss"].get(c) is not None]
-        table.add_row(
-            str(r["round"]) + (" (rolled back)" if r.get("rolled_back") else ""),
-            str(len(r["contributors"])) if r["round"] else "(start)",
-            str(len(r["failures"]) + len(r.get("rejections", []))),
-            f"{sum(losses) / len(losses):.3f}" if losses else "-",
-            pct(r["probe_contributing"]),
-            pct(r["probe_heldout"]),
-            pct(r.get("probe_mean_pool_contributing")),
-            pct(r.get("probe_mean_pool_heldout")),
-            f"{r['seconds_train'] + r['seconds_eval']:.1f}",
-        )
-    return table
-
-
-def render_table(records: Iterable[dict[str, Any]], width: int = 110) -> str:
-    with open(os.devnull, "w") as sink:
-        console = Console(width=width, record=True, file=sink)
-        console.print(summary_table(records))
-        return console.export_text()
-
-
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"

@@ -20,10 +20,10 @@ from flwr.common import log
 from omegaconf import DictConfig
 
 from app.learning.model import body_signature, initial_body, resolve_model, save_fused_model
-from app.report import write_model_card, write_report
+from app.report import render_table, write_model_card, write_report
 from app.run.checkpoint import resume_checkpoint, save_checkpoint
 from app.run.config import to_container
-from app.run.outputs import RunOutputs, read_round_records, render_table
+from app.run.outputs import RunOutputs, read_round_records
 from strategies.coldfusion import ColdFusion
 from strategies.records import RoundRecord
 from strategies.schedule import VIEWS

@@ -7,9 +7,11 @@ Hydra expands the sweep; each job runs ``coldfusion-sim``'s path (a private Supe
 the run's final status checked with ``flwr ls``) one after another, and keeps the run's outputs in the
 job's own Hydra directory (``multirun/<date>/<time>/<job>/``). When the sweep ends, ``summary.csv``,
 ``summary.md`` and ``summary.png`` in the sweep directory hold one row per job (its overrides, the saved
-model's seen and unseen probe scores (first token, the paper's view), best round, wall time, status and, for a failed job, the reason), plus the
-mean and standard deviation over seeds for settings that repeat. The exit status is 0 only if every
-job completed.
+model's seen and unseen probe scores (first token, the paper's view), best round, wall time, status and,
+for a failed job, the reason), plus the mean and standard deviation over seeds for settings that repeat.
+Every job's configuration is composed before the first job starts, so a bad key or value in any job
+stops the sweep at once (exit 2, naming the job and the key). The exit status is 0 only if every job
+completed.
 """
 
 from __future__ import annotations
@@ -28,28 +30,31 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from app.run.config import CONF_DIR
-from app.run.outputs import read_metrics
+import app.run.schema  # noqa: F401 - registers the schema that conf/config.yaml lists first
+from app.run.config import CONF_DIR, ConfigError, compose_config
+from app.run.outputs import read_round_records
 from app.report import evaluated, saved_model_record
+from strategies.records import RoundRecord
 
 JOB_FILE = "job.json"
 _last_sweep: dict[str, Any] = {}
 
 
-def run_job(overrides: list[str], job_dir: Path) -> dict[str, Any]:
-    """One sweep job: a real simulation with these overrides; never raises, records what happened."""
+def run_job(overrides: list[str], job_dir: Path, cfg: DictConfig | None = None) -> dict[str, Any]:
+    """One sweep job: a real simulation with these overrides (``cfg``: Hydra's composition of them); never
+    raises, records what happened."""
     from app.run.launch import run_simulation
 
     started = time.perf_counter()
     job: dict[str, Any] = {"overrides": " ".join(overrides), "status": "failed", "reason": "",
                            "seen": None, "unseen": None, "best_round": None, "best_unseen": None}
     try:
-        status, run_dir = run_simulation(overrides, output_root=job_dir)
+        status, run_dir = run_simulation(overrides, output_root=job_dir, cfg=cfg)
         job["status"] = "completed" if status == "finished:completed" else "failed"
         if job["status"] == "failed":
             job["reason"] = f"run status {status}"
         if run_dir is not None and (run_dir / "metrics.jsonl").exists():
-            job.update(run_dir=str(run_dir), **final_scores(read_metrics(run_dir)))
+            job.update(run_dir=str(run_dir), **final_scores(read_round_records(run_dir)))
     except Exception as exc:  # noqa: BLE001 - a failed job is a row in the summary, not a crash
         job["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         (job_dir / "error.txt").write_text(traceback.format_exc())
@@ -58,16 +63,18 @@ def run_job(overrides: list[str], job_dir: Path) -> dict[str, Any]:
     return job
 
 
-def final_scores(records: list[dict[str, Any]]) -> dict[str, Any]:
+def final_scores(records: list[RoundRecord]) -> dict[str, Any]:
     """A job's row: the saved model's probe and finetune means (None where no round scored the saved model,
     e.g. a last round rolled back before the finetune view ever scored its base), and its best probe round."""
-    probe, finetune = saved_model_record(records, "probe") or {}, saved_model_record(records, "finetune") or {}
-    row = {"seen": probe.get("probe_contributing"), "unseen": probe.get("probe_heldout"),
-           "finetune_seen": finetune.get("finetune_contributing"), "finetune_unseen": finetune.get("finetune_heldout")}
-    scored = [r for r in evaluated(records, "probe") if r.get("probe_heldout") is not None]
+    row: dict[str, Any] = {}
+    for series, prefix in (("probe", ""), ("finetune", "finetune_")):
+        saved = saved_model_record(records, series)
+        for role, word in (("contributing", "seen"), ("heldout", "unseen")):
+            row[prefix + word] = saved.series_mean(series, role) if saved else None
+    scored = [r for r in evaluated(records, "probe") if r.probe_heldout is not None]
     if scored:
-        best = max(scored, key=lambda r: r["probe_heldout"])
-        row.update(best_round=best["round"], best_unseen=best["probe_heldout"])
+        best = max(scored, key=lambda r: r.probe_heldout)
+        row.update(best_round=best.round, best_unseen=best.probe_heldout)
     return row
 
 
@@ -168,13 +175,37 @@ class SweepSummary(Callback):
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _job(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    run_job(list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
+    run_job(list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir), cfg)
+
+
+def sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The overrides of every job of a sweep, expanded by Hydra's own sweeper (``hydra.*`` keys and flags left out)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith(("-", "hydra."))])
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def check_jobs(args: list[str]) -> None:
+    """Compose every job's configuration before the first one starts: a bad key or value in any job stops the
+    sweep at once (ConfigError naming the job and the key), rather than after the jobs before it have run."""
+    for overrides in sweep_jobs(args):
+        try:
+            compose_config("", overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep job [{' '.join(overrides)}]: {exc}") from None
 
 
 def main() -> int:
-    """Console entry point: run the Hydra app, then exit non-zero if any job failed."""
+    """Console entry point: check every job, run the Hydra app, then exit non-zero if any job failed."""
     if "-m" not in sys.argv and "--multirun" not in sys.argv:
         sys.argv.insert(1, "--multirun")  # a sweep tool: a single setting is a sweep of one job
+    try:
+        check_jobs(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     _job()
     rows = _last_sweep.get("rows", [])
     return 0 if rows and all(r["status"] == "completed" for r in rows) else 1

@@ -1,0 +1,162 @@
+"""The text of ``report.md``: run facts, verdicts, per-round and per-task markdown tables (shared with the model card)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from app.report.aggregate import (
+    ROLES,
+    VIEWS,
+    evaluated,
+    final_round,
+    regression_tasks,
+    row_means,
+    task_roles,
+    task_rows,
+    verdict,
+)
+from app.report.runs import Run, cfg_get
+from app.report.table import pct
+from strategies.records import RoundRecord
+
+RECIPE_KEYS = ("lr", "batch_size", "max_steps", "epochs", "head_policy", "weight_decay", "warmup_ratio",
+               "max_grad_norm")
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def gain_text(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def _settings(mapping: Any) -> str:
+    if not isinstance(mapping, Mapping) or not mapping:
+        return "unknown"
+    return ", ".join(f"{k}={'none' if v is None else v}" for k, v in mapping.items())
+
+
+def recipe_text(client: Any) -> str:
+    """The contributor recipe's essentials, plus any early-stopping setting the config has."""
+    if not isinstance(client, Mapping):
+        return "unknown"
+    keys = [k for k in RECIPE_KEYS if k in client] + [k for k in client if "early" in k or "patience" in k]
+    return _settings({k: client[k] for k in keys})
+
+
+def eval_text(eval_cfg: Any) -> list[str]:
+    if not isinstance(eval_cfg, Mapping):
+        return ["unknown"]
+    return [f"{name}: {_settings(v)}" if isinstance(v, Mapping) else f"{name}={v}" for name, v in eval_cfg.items()]
+
+
+def backtrack_lines(config: Mapping[str, Any], records: Sequence[RoundRecord]) -> list[str]:
+    """What back-tracking watched, and which rounds it undid (nothing when it was off)."""
+    threshold = cfg_get(config, "backtrack.threshold")
+    rolled = [r.round for r in records if r.rolled_back]
+    if threshold is None and not rolled:
+        return []
+    monitor = cfg_get(config, "backtrack.monitor", "contributing")
+    lines = [f"Back-tracking: a round is undone when the mean first-token probe accuracy over the {monitor} "
+             f"datasets falls by more than {threshold}; rolled back: {', '.join(map(str, rolled)) or 'none'}"]
+    if rolled:
+        lines.append(f"The saved model is the base produced in round {records[-1].base_round}; a rolled-back "
+                     "round's scores describe the undone base and are left out of 'final'")
+    return lines
+
+
+def pool_lines(roles: Mapping[str, str], regression: set[str], missing: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = [] if roles else ["Task roles (seen/unseen) are not recorded in metrics.jsonl"]
+    for role, word in ROLES.items() if roles else ():
+        tasks = sorted(t for t, r in roles.items() if r == role)
+        lines.append(f"{word.capitalize()} ({role}) datasets ({len(tasks)}): {', '.join(tasks) or 'none'}")
+    if regression:
+        lines.append(f"Regression datasets (Pearson r, left out of the means): {', '.join(sorted(regression))}")
+    if missing:
+        lines.append("Configured but not available: " + "; ".join(
+            f"{m.get('name', '?')} ({m.get('role', '?')}: {m.get('reason', 'no reason given')})" for m in missing))
+    return lines
+
+
+def round_table(records: Sequence[RoundRecord]) -> str:
+    """One row per round: contributors, each series' recorded seen/unseen means, and what happened."""
+    rows = []
+    for r in records:
+        notes = ["start"] if r.round == 0 else []
+        if r.round and not r.fused:
+            notes.append("not fused")
+        if r.rolled_back:
+            notes.append("rolled back")
+        for key in ("failures", "rejections"):
+            if getattr(r, key):
+                notes.append(f"{len(getattr(r, key))} {key}")
+        means = [pct(r.series_mean(v, role)) for v in VIEWS for role in ROLES]
+        rows.append([r.round, len(r.contributors), *means, ", ".join(notes)])
+    headers = ["round", "contributors"] + [f"{v} {w}" for v in VIEWS for w in ROLES.values()] + ["notes"]
+    return md_table(headers, rows)
+
+
+def task_section(records: Sequence[RoundRecord], view: str, roles: Mapping[str, str], regression: set[str],
+                 baselines: Mapping[str, Sequence[RoundRecord]]) -> str:
+    rows = task_rows(records, view, roles, regression, baselines)
+    saved = final_round(records, view)
+    title = (f"### {VIEWS[view]}: start (round 0) vs final (round {saved}, the saved model)" if saved is not None
+             else f"### {VIEWS[view]}: start (round 0); final n/a (no round scored the saved model in this view)")
+    names = list(baselines)
+    body = [[r.task, ROLES.get(r.role, r.role), r.metric, pct(r.start), pct(r.final), gain_text(r.gain),
+             *(pct(r.baselines[n]) for n in names)] for r in rows]
+    for role, word in ROLES.items():
+        means = row_means(rows, role, regression)
+        body.append([f"**mean {word}**", word, "accuracy", pct(means["start"]), pct(means["final"]),
+                     gain_text(means["gain"]), *(pct(means.get(n)) for n in names)])
+    table = md_table(["task", "role", "metric", "start", "final", "gain", *names], body)
+    gains = [r for r in rows if r.gain is not None]
+    improved = [r for r in gains if r.gain > 0]
+    by_role = ", ".join(f"{w} {sum(r.role == role for r in improved)} of {sum(r.role == role for r in gains)}"
+                        for role, w in ROLES.items())
+    count = (f"Improved over the start model: {len(improved)} of {len(gains)} tasks ({by_role})."
+             if gains else "No task has both a round-0 and a final score in this view.")
+    return f"{title}\n\n{table}\n\n{count}"
+
+
+def report_markdown(run: Run, baselines: Mapping[str, Run], plots: Sequence[str]) -> str:
+    """The whole report.md: facts of the run, a verdict per view, per-round and per-task tables, the plots."""
+    records, config = run.records, run.config
+    roles, regression = task_roles(records), regression_tasks(records)
+    model = cfg_get(config, "model.name_or_path", "unknown")
+    kind = cfg_get(config, "model.kind")
+    facts = [
+        f"Model: {model}" + (f" (kind: {kind})" if kind is not None else ""),
+        (f"Rounds: {records[-1].round} done (configured: {cfg_get(config, 'rounds', 'unknown')}), "
+         f"{cfg_get(config, 'contributors_per_round', 'unknown')} contributors per round, "
+         f"seed {cfg_get(config, 'seed', 'unknown')}"),
+        f"Contributor recipe: {recipe_text(cfg_get(config, 'client'))}",
+        *(f"Evaluation {line}" for line in eval_text(cfg_get(config, "eval"))),
+        *backtrack_lines(config, records),
+        *pool_lines(roles, regression, run.missing),
+    ]
+    few_shot = sorted({r.few_shot for r in records if r.few_shot is not None})
+    if few_shot:
+        facts.append(f"Few-shot: held-out datasets evaluated with k={', '.join(map(str, few_shot))} training examples")
+    if not config:
+        facts.append("config.yaml was not found: the facts above are unknown")
+    facts += [f"Baseline **{name}**: {b.dir} (its last evaluated round per view)" for name, b in baselines.items()]
+    views = [v for v in VIEWS if evaluated(records, v)]
+    base_records = {name: b.records for name, b in baselines.items()}
+    parts = [
+        f"# ColD Fusion run report: {run.dir.resolve().name}",
+        ("Scores are percentages (accuracy; Pearson r x 100 for regression); gains are in points. "
+         "Seen/unseen means cover classification datasets only."),
+        "## Run", "\n".join(f"- {f}" for f in facts),
+        "## Verdict", "\n".join(f"- {verdict(records, v)}" for v in VIEWS),
+        "## Per round", round_table(records),
+        "## Per task", *(task_section(records, v, roles, regression, base_records) for v in views),
+    ]
+    if plots:
+        parts += ["## Plots", *(f"![{Path(p).stem}]({p})" for p in plots)]
+    return "\n\n".join(parts) + "\n"
