@@ -2,7 +2,8 @@
 
 Each round: K contributors (sampled with a seeded RNG among the nodes holding contributing tasks)
 receive the current body, finetune body + their own head, and send back the body; the strategy fuses
-the valid bodies with a uniform mean (``strategies.fusion.uniform_mean``) into the next base. Then
+the valid bodies into the next base with its fusion operator (``strategies.fusion``; the paper's uniform
+mean by default). Then
 the nodes score the new base on their tasks in the evaluation views that are due this round (linear
 probe and full finetuning, each on its own schedule; ``app.learning.views``): contributing ("seen") and
 held-out ("unseen") tasks alike.
@@ -33,7 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from strategies.discovery import FederationError, NodeTask, discover_nodes
-from strategies.fusion import get_operator
+from strategies.fusion import FusionOperator, build_operator
 from strategies.records import ROLES, SERIES, RoundRecord, fused_norms, monitored_score
 from strategies.replies import MalformedReply, first_line, read_evaluate_reply, read_train_reply
 from strategies.schedule import VIEWS, due
@@ -42,7 +43,8 @@ from tasks.metrics import PRIMARY_METRICS, primary
 
 
 class ColdFusion(FedAvg):
-    """Uniform-mean fusion of contributor bodies, with task discovery and per-task evaluation."""
+    """Fusion of contributor bodies (the paper's uniform mean by default), with task discovery and per-task
+    evaluation."""
 
     def __init__(
         self,
@@ -60,7 +62,7 @@ class ColdFusion(FedAvg):
         finetune_roles: Iterable[str] = ("contributing", "heldout"),
         few_shot: int | None = None,
         eval_start: bool = True,
-        fusion: str = "uniform_mean",
+        fusion: FusionOperator | Mapping[str, Any] | str = "uniform_mean",  # an operator, or its config
         max_update_norm: float | None = None,
         max_relative_norm: float | None = None,
         min_peers: int = 2,
@@ -86,7 +88,8 @@ class ColdFusion(FedAvg):
         self._views: list[str] = []  # the views due in the round being evaluated
         self._asked: dict[int, tuple[str, ...]] = {}  # node -> the views it was asked for in this round
         self.on_round = on_round
-        self.fuse = get_operator(fusion)
+        self.fusion = fusion if isinstance(fusion, FusionOperator) else build_operator(fusion)
+        self._fusion_state_before: dict = {}  # the operator's state before this round's fusion (for a roll-back)
         self.max_update_norm = max_update_norm
         self.max_relative_norm = max_relative_norm
         self.min_peers = min_peers
@@ -102,8 +105,8 @@ class ColdFusion(FedAvg):
         self._record = RoundRecord(0)
 
     def summary(self) -> None:
-        log(INFO, "\t├──> ColD Fusion: %s contributors/round, uniform mean, min %d valid",
-            self.contributors_per_round or "all", self.min_contributions)
+        log(INFO, "\t├──> ColD Fusion: %s contributors/round, fusion %s, min %d valid",
+            self.contributors_per_round or "all", self.fusion.describe(), self.min_contributions)
         log(INFO, "\t└──> waiting for %d nodes (timeout %.0fs)", self.expected_nodes, self.node_wait_timeout)
 
     # ------------------------------------------------------------------ discovery
@@ -179,16 +182,23 @@ class ColdFusion(FedAvg):
             log(WARNING, "Round %d: %d valid contribution(s) < min_contributions=%d: keeping the previous base",
                 server_round, len(valid), self.min_contributions)
             return None, None
-        # A fixed order (by label) makes the float64 sum, hence the fused base, reproducible bit for bit.
+        # Folded in a fixed order (by label): the float64 sums, hence the fused base, are the same bit for bit
+        # whatever order the replies arrived in (strategies/fusion/base.py).
         valid.sort(key=lambda c: (c.label, c.node_id))
-        fused = self.fuse([c.body for c in valid], base=base)
+        self._fusion_state_before = {k: v.clone() for k, v in self.fusion.state_dict().items()}
+        accumulator = self.fusion.start(base, server_round)
+        for c in valid:
+            accumulator.fold(c.body, label=c.label, examples=record.train_examples[c.label])
+        fused = accumulator.finish()
         try:
             assert_finite(fused, f"round {server_round} fused base")
         except ValueError as exc:
             log(WARNING, "%s: keeping the previous base", exc)
             record.rejections.append(str(exc))
+            self.fusion.load_state_dict(self._fusion_state_before)  # the base stays, so does the optimizer
             return None, None
         record.fused = True
+        record.fusion = self.fusion.describe()
         record.fused_contributors = [c.label for c in valid]
         self.reference_norms = [norms[c.label] for c in valid]
         metrics = MetricRecord({
@@ -320,6 +330,7 @@ class ColdFusion(FedAvg):
             score = getattr(record, f"probe_{self.backtrack_monitor}")
             if self._should_roll_back(record, last_score, score):
                 arrays, base_round = previous, previous_base_round
+                self.fusion.load_state_dict(self._fusion_state_before)  # a server optimizer's step is undone too
                 record.rolled_back = True
                 log(WARNING, "Round %d rolled back: %s probe fell from %.4f to %.4f (contributors: %s)",
                     server_round, self.backtrack_monitor, last_score, score, ", ".join(record.contributors))

@@ -7,7 +7,8 @@ through :func:`read_records`, which accepts every version written so far and ref
 Versions (``schema`` in every record; records without it are version 1):
 
 * 1: the first released layout (no ``schema`` or ``regression``; ``base_round`` only in its later files);
-* 2: adds ``schema``, ``base_round`` (the round whose fusion produced the base in effect, derived for version 1
+* 2: adds ``schema``, ``fusion`` (the operator and parameters that fused the round; ``uniform_mean`` for
+  version 1), ``base_round`` (the round whose fusion produced the base in effect, derived for version 1
   from ``fused`` and ``rolled_back``) and ``regression`` (the tasks scored by Pearson r, derived for version 1
   from the metric names in ``scores``).
 """
@@ -50,6 +51,7 @@ class RoundRecord:
     heads_fresh: list[str] = field(default_factory=list)  # head_policy=keep: contributors whose head started fresh
     update_norms: dict[str, float] = field(default_factory=dict)  # L2 norm of each well-formed update
     fused: bool = False
+    fusion: dict[str, Any] = field(default_factory=dict)  # the operator and parameters that fused this round
     rolled_back: bool = False  # back-tracking undid this round's fusion
     base_round: int = 0  # the round whose fusion produced the base in effect after this round (0: the start model)
     roles: dict[str, str] = field(default_factory=dict)  # task -> contributing ("seen") | heldout ("unseen")
@@ -105,6 +107,8 @@ def read_records(raw: Iterable[Mapping[str, Any]]) -> list[RoundRecord]:
                 record.base_round = _v1_base_round(record, records[-1].base_round if records else 0)
             if "fused_contributors" not in data and record.fused:  # the first files: every contributor was fused
                 record.fused_contributors = list(record.contributors)
+            if record.fused:  # the only operator there was
+                record.fusion = {"operator": "uniform_mean"}
             record.regression = sorted({task for per_task in record.scores.values()
                                         for task, metrics in per_task.items() if "pearson" in metrics})
         records.append(record)

@@ -49,3 +49,13 @@ def test_a_checkpoint_from_a_newer_version_is_refused_naming_the_file(tmp_path):
     state_file.write_text(json.dumps(state))
     with pytest.raises(ConfigError, match=rf"resume=.*ckpt-0001/state.json: checkpoint schema {SCHEMA_VERSION + 1} is newer"):
         resume_checkpoint(tmp_path, {}, allow_config_change=True)
+
+
+def test_a_fusion_operators_state_is_saved_with_the_checkpoint(tmp_path):
+    momentum = {"momentum/w": torch.randn(3, 2, dtype=torch.float64)}
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3, 2)}, random.Random(0).getstate(), [RoundRecord(1)], {},
+                    fusion_state=momentum)
+    restored = load_latest_checkpoint(tmp_path).fusion_state
+    assert set(restored) == {"momentum/w"} and torch.equal(restored["momentum/w"], momentum["momentum/w"])
+    save_checkpoint(tmp_path, 2, {"w": torch.ones(3, 2)}, random.Random(0).getstate(), [RoundRecord(1)], {})
+    assert load_latest_checkpoint(tmp_path).fusion_state == {}  # a stateless operator: no file, no state

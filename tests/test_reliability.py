@@ -52,9 +52,12 @@ def test_a_killed_run_resumes_to_the_same_final_body_as_an_uninterrupted_one(tmp
     # the six contributing tasks per round: the resumed run (new random node ids) must sample the same.
     # Ten short rounds, so the kill (SIGTERM, then the launcher stops the SuperLink) lands mid-run.
     # Back-tracking on, with a threshold that rolls back any drop of the held-out probe: the resumed run must
-    # take back the same reference score (the last one not rolled back) and make the same decisions.
+    # take back the same reference score (the last one not rolled back) and make the same decisions. Fusion by
+    # Nesterov momentum: the server optimizer's state (saved with each checkpoint, restored on a roll-back) must
+    # come back exactly too.
     settings = ["experiment=tiny_sweep", "contributors_per_round=3", "client.max_steps=8", "rounds=10",
-                "client.head_policy=reinit", "backtrack.threshold=0.0001", "backtrack.monitor=heldout"]
+                "client.head_policy=reinit", "backtrack.threshold=0.0001", "backtrack.monitor=heldout",
+                "fusion=nesterov"]
     status, reference = run_simulation(settings, output_root=tmp_path / "reference")
     assert status == "finished:completed"
     decisions = [(r["round"], r["rolled_back"], r["base_round"]) for r in read_metrics(reference)]
@@ -84,6 +87,10 @@ def test_a_killed_run_resumes_to_the_same_final_body_as_an_uninterrupted_one(tmp
     assert final.round == expected.round == 10
     for key, tensor in expected.body.items():
         assert torch.equal(final.body[key], tensor), f"{key} differs after resume"
+    assert expected.fusion_state and set(final.fusion_state) == set(expected.fusion_state)
+    for key, tensor in expected.fusion_state.items():
+        assert torch.equal(final.fusion_state[key], tensor), f"fusion state {key} differs after resume"
+    assert read_metrics(run_dir)[1]["fusion"] == {"operator": "nesterov", "server_lr": 0.7, "momentum": 0.9}
 
 
 def _wait_for_checkpoint(out: Path, process: subprocess.Popen, at_least: int, poll: float = 0.2) -> Path | None:

@@ -236,19 +236,27 @@ def _scripted_client(message, context):
 
 def test_a_resumed_run_makes_the_same_back_tracking_decisions_as_an_uninterrupted_one(tiny_cfg, small_pool,
                                                                                      tiny_path):
-    # Heads re-initialised per round (seeded): a node keeps no state that the resume would lose.
+    # Heads re-initialised per round (seeded): a node keeps no state that the resume would lose. Fusion by
+    # heavy-ball momentum: a rolled-back round must undo the server optimizer's step too.
     tiny_cfg = _cfg(tiny_cfg, "client.head_policy=reinit")
-    settings = {"backtrack_threshold": 0.05, "backtrack_monitor": "heldout", "contributors_per_round": 2}
+    settings = {"backtrack_threshold": 0.05, "backtrack_monitor": "heldout", "contributors_per_round": 2,
+                "fusion": {"operator": "fedavgm", "server_lr": 1.0, "momentum": 0.9}}
     start_body = initial_body(tiny_path)
     records: list = []
-    states = []
+    states, momenta = [], []
     strategy = _strategy(small_pool, records, **settings)
     strategy.on_round = lambda record, arrays: (records.append((record, arrays)),
-                                                states.append(strategy.rng.getstate()))
+                                                states.append(strategy.rng.getstate()),
+                                                momenta.append(dict(strategy.fusion.state_dict())))
     reference = _start(strategy, _grid(_scripted_client, small_pool), tiny_cfg, start_body, rounds=4)
     # round 2 (0.0) and round 3 (0.40 < 0.60 - 0.05) are undone; round 4 (0.70) stands
     assert [r.rolled_back for r, _ in records] == [False, False, True, True, False]
     assert [r.base_round for r, _ in records] == [0, 1, 1, 1, 4]
+    assert momenta[0] == {} and momenta[1]  # no state before the first fusion
+    for undone in (2, 3):  # the momentum after a rolled-back round is the one the kept base was made with
+        assert all(torch.equal(momenta[undone][k], v) for k, v in momenta[1].items())
+    assert any(not torch.equal(momenta[4][k], v) for k, v in momenta[1].items())
+    assert records[4][0].fusion == {"operator": "fedavgm", "server_lr": 1.0, "momentum": 0.9}
     assert monitored_score([r for r, _ in records[:3]], "heldout") == 0.60  # not the undone 0.0
     assert fused_norms([r for r, _ in records[:3]]) == [records[2][0].update_norms[c]
                                                                 for c in records[2][0].fused_contributors]
@@ -257,6 +265,7 @@ def test_a_resumed_run_makes_the_same_back_tracking_decisions_as_an_uninterrupte
     resumed_records: list = []
     resumed = _strategy(small_pool, resumed_records, **settings)
     resumed.rng.setstate(states[2])
+    resumed.fusion.load_state_dict(momenta[2])  # as a checkpoint holds it
     history = read_records(json.loads(json.dumps(asdict(r))) for r, _ in records[:3])  # as read back from metrics.jsonl
     result = _start(resumed, _grid(_scripted_client, small_pool, node_id_step=-1), tiny_cfg,
                     records[2][1].to_torch_state_dict(), rounds=4, first_round=3, history=history)

@@ -26,6 +26,7 @@ def test_flwr_run_with_35_supernodes_completes_and_improves_heldout_tasks(tmp_pa
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert len(records[0]["probe"]) == 35
     assert all(len(r["contributors"]) == 8 and r["fused"] and not r["failures"] for r in records[1:])
+    assert all(r["fusion"] == {"operator": "uniform_mean"} for r in records[1:])  # a streaming operator
     assert records[-1]["probe_heldout"] > records[0]["probe_heldout"], records
     heldout = {t for t, role in records[0]["roles"].items() if role == "heldout"}
     assert [set(r["finetune"]) for r in records] == [heldout, set(), set(), heldout]  # its own schedule
@@ -43,6 +44,22 @@ def test_flwr_run_with_35_supernodes_completes_and_improves_heldout_tasks(tmp_pa
     for view in ("probe", "finetune"):
         start, final = records[0][f"{view}_heldout"], records[-1][f"{view}_heldout"]
         assert f"| {pct(start)} | {pct(final)} | 3 |" in card, card  # start and final held-out means, round 3
+
+
+def test_flwr_run_with_35_supernodes_fuses_with_an_all_contributions_operator(tmp_path, monkeypatch):
+    # The trimmed mean needs every contribution of the round at once (strategies/fusion/robust.py): one short
+    # round of 35 SuperNodes, 8 contributors, the probe at round 0 and after the round.
+    monkeypatch.setenv("COLDFUSION_CACHE", str(tmp_path / "cache"))
+    status, run_dir = run_simulation(["rounds=1", "contributors_per_round=8", "client.max_steps=5",
+                                      "tasks.train_size=200", "tasks.test_size=100", "eval.probe.max_train_examples=200",
+                                      "eval.probe.max_test_examples=100", "fusion=trimmed_mean", "fusion.beta=0.25"],
+                                     output_root=tmp_path / "outputs")
+    assert status == "finished:completed"
+    records = read_metrics(run_dir)
+    assert records[1]["fused"] and len(records[1]["fused_contributors"]) == 8 and not records[1]["failures"]
+    assert records[1]["fusion"] == {"operator": "trimmed_mean", "beta": 0.25}
+    assert len(records[1]["probe"]) == 35
+    assert "- Fusion: trimmed_mean (beta=0.25)" in (run_dir / "report" / "report.md").read_text()
 
 
 def test_a_failed_serverapp_is_reported_as_failed_not_completed(tmp_path):

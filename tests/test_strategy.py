@@ -64,6 +64,20 @@ def test_rounds_sample_contributors_fuse_uniformly_and_evaluate_everyone(tiny_cf
     assert trained and not trained & heldout
 
 
+def test_an_all_contributions_operator_fuses_the_round_by_its_rule(tiny_cfg, small_pool, tiny_path):
+    grid, strategy, records, start, result = _run(tiny_cfg, small_pool, tiny_path, rounds=1,
+                                                  fusion={"operator": "median"})
+    assert records[1].fused and records[1].fusion == {"operator": "median"}
+    bodies = [r.content["arrays"].to_torch_state_dict() for r in grid.replies
+              if r.metadata.message_type == MessageType.TRAIN]
+    final = result.arrays.to_torch_state_dict()
+    assert len(bodies) == 4
+    for key, tensor in final.items():  # the coordinate-wise median, computed independently in numpy
+        if tensor.is_floating_point():
+            oracle = np.median([b[key].numpy().astype(np.float64) for b in bodies], axis=0)
+            np.testing.assert_allclose(tensor.numpy().astype(np.float64), oracle, rtol=1e-6, atol=1e-7, err_msg=key)
+
+
 def test_sampling_is_seeded(tiny_cfg, small_pool, tiny_path):
     _, _, first, _, _ = _run(tiny_cfg, small_pool, tiny_path, rounds=1)
     # a new run: other node ids, in another order; the seed must still pick the same tasks

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from strategies.fusion import uniform_mean
+from strategies.fusion import build_operator, fuse
 from strategies.validation import (
     Contribution,
     assert_finite,
@@ -89,7 +89,7 @@ def test_fusion_over_a_mix_equals_the_mean_of_the_good_ones():
                                                  for k, v in contributions[3].body.items()})
     valid, rejected, _, _ = screen(contributions, base, 3, max_relative_norm=5)
     assert sorted(r.label for r in rejected) == ["t0", "t3"]
-    fused = uniform_mean([c.body for c in valid], base=base)
+    fused = fuse(build_operator("uniform_mean"), [c.body for c in valid], base)
     good = [contributions[i].body for i in (1, 2, 4)]
     torch.testing.assert_close(fused["w"], sum(b["w"] for b in good) / 3)
     assert_finite(fused, "fused")

@@ -49,6 +49,18 @@ def recipe_text(client: Any) -> str:
     return _settings({k: client[k] for k in keys})
 
 
+def fusion_text(records: Sequence[RoundRecord]) -> str:
+    """The operators (with their parameters) that fused the run's rounds, in order of first use."""
+    used: list[str] = []
+    for record in records:
+        if record.fused and record.fusion:
+            params = {k: v for k, v in record.fusion.items() if k != "operator"}
+            text = f"{record.fusion['operator']}" + (f" ({_settings(params)})" if params else "")
+            if text not in used:
+                used.append(text)
+    return "; ".join(used) or "no round fused"
+
+
 def eval_text(eval_cfg: Any) -> list[str]:
     if not isinstance(eval_cfg, Mapping):
         return ["unknown"]
@@ -136,6 +148,7 @@ def report_markdown(run: Run, baselines: Mapping[str, Run], plots: Sequence[str]
          f"{cfg_get(config, 'contributors_per_round', 'unknown')} contributors per round, "
          f"seed {cfg_get(config, 'seed', 'unknown')}"),
         f"Contributor recipe: {recipe_text(cfg_get(config, 'client'))}",
+        f"Fusion: {fusion_text(records)}",
         *(f"Evaluation {line}" for line in eval_text(cfg_get(config, "eval"))),
         *backtrack_lines(config, records),
         *pool_lines(roles, regression, run.missing),

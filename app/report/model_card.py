@@ -10,7 +10,15 @@ import yaml
 from omegaconf import OmegaConf
 
 from app.report.aggregate import ROLES, VIEWS, evaluated, regression_tasks, summarise_series, task_roles
-from app.report.markdown import backtrack_lines, eval_text, gain_text, md_table, pool_lines, recipe_text
+from app.report.markdown import (
+    backtrack_lines,
+    eval_text,
+    fusion_text,
+    gain_text,
+    md_table,
+    pool_lines,
+    recipe_text,
+)
 from app.report.runs import cfg_get
 from app.report.table import pct
 from strategies.records import RoundRecord
@@ -66,6 +74,7 @@ def model_card(model_dir: str | Path, config: Mapping[str, Any], records: Sequen
          f"contributors per round: {cfg_get(config, 'contributors_per_round', 'unknown')}"),
         *pool_lines(roles, regression, missing or []),
         f"Contributor recipe (whole model, body and head): {recipe_text(cfg_get(config, 'client'))}",
+        f"Fusion of the contributed bodies: {fusion_text(records)}",
         *(f"Evaluation {line}" for line in eval_text(cfg_get(config, "eval"))),
         *backtrack_lines(config, records),
     ]

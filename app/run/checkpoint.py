@@ -1,6 +1,7 @@
 """Per-round checkpoints of a run, written atomically, and what resuming needs from them.
 
-``<run dir>/ckpt-NNNN/`` holds ``body.safetensors`` (the base after round NNNN) and ``state.json``
+``<run dir>/ckpt-NNNN/`` holds ``body.safetensors`` (the base after round NNNN), ``fusion.safetensors`` (the
+state of a fusion operator that keeps one: a server optimizer's momentum; absent otherwise) and ``state.json``
 (the record schema version, the round, the sampler's random state, the history of round records, the
 resolved configuration). It is written as ``.ckpt-NNNN.tmp`` and renamed into place, so a crash mid-write leaves
 either the previous checkpoint or the new one, never a broken one. Both files and the temporary directory
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,16 +35,21 @@ class Checkpoint:
     rng_state: Any
     history: list[RoundRecord]
     config: dict[str, Any]  # the resolved configuration the checkpoint was written under
+    fusion_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the fusion operator's state, if any
 
 
 def save_checkpoint(run_dir: Path, server_round: int, body: Mapping[str, torch.Tensor], rng_state: Any,
-                    history: list[RoundRecord], config: Mapping[str, Any]) -> Path:
+                    history: list[RoundRecord], config: Mapping[str, Any],
+                    fusion_state: Mapping[str, torch.Tensor] | None = None) -> Path:
     final = run_dir / f"ckpt-{server_round:04d}"
     tmp = run_dir / f".ckpt-{server_round:04d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in body.items()}, str(tmp / "body.safetensors"))
     fsync_path(tmp / "body.safetensors")
+    if fusion_state:
+        save_file({k: v.contiguous() for k, v in fusion_state.items()}, str(tmp / "fusion.safetensors"))
+        fsync_path(tmp / "fusion.safetensors")
     state = {"schema": SCHEMA_VERSION, "round": server_round, "rng_state": _jsonable(rng_state),
              "history": strict([r.to_dict() for r in history]), "config": dict(config)}
     with open(tmp / "state.json", "w") as fh:
@@ -70,8 +76,10 @@ def load_latest_checkpoint(run_dir: Path) -> Checkpoint | None:
         history = read_records(state["history"])
     except RecordError as exc:
         raise RecordError(f"{complete[-1] / 'state.json'}: {exc}") from None
+    fusion_file = complete[-1] / "fusion.safetensors"
     return Checkpoint(state["round"], load_file(str(complete[-1] / "body.safetensors")),
-                      _tuples(state["rng_state"]), history, state["config"])
+                      _tuples(state["rng_state"]), history, state["config"],
+                      load_file(str(fusion_file)) if fusion_file.exists() else {})
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from app.run.schema import TYPED_AFTER, schema_type  # importing it registers the schema
-from strategies.fusion import FUSION_OPERATORS
+from strategies.fusion import FusionError, build_operator
 from strategies.schedule import VIEWS
 
 # conf/ ships inside the package after `pip install .` (app/conf, package data: see pyproject.toml);
@@ -117,7 +117,6 @@ RANGES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "backtrack.threshold": _POSITIVE,
     "resume": (lambda v: Path(v).is_dir(), "an existing run directory"),
     "tasks.kind": (lambda v: v in ("synthetic", "catalog"), "'synthetic' or 'catalog'"),
-    "fusion.operator": (lambda v: v in FUSION_OPERATORS, f"one of {sorted(FUSION_OPERATORS)}"),
 }
 
 
@@ -154,6 +153,10 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.backtrack.threshold is not None and cfg.eval.probe.every != 1:
         raise ConfigError(f"config key 'backtrack.threshold' needs the probe every round (eval.probe.every=1), got "
                           f"eval.probe.every={cfg.eval.probe.every!r}: a round without a probe could not be rolled back")
+    try:  # the operator checks its own parameters, naming the key (fusion.<parameter>)
+        build_operator(OmegaConf.to_container(cfg.fusion, resolve=True))
+    except FusionError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _invalid(key: str, value: Any, hint: str) -> ConfigError:

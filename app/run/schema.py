@@ -133,11 +133,6 @@ class EvalConfig:
 
 
 @dataclass
-class FusionConfig:
-    operator: str = MISSING  # a name in strategies/fusion.py FUSION_OPERATORS (validate_config)
-
-
-@dataclass
 class ValidationConfig:
     max_update_norm: Optional[Number] = MISSING
     max_relative_norm: Optional[Number] = MISSING
@@ -177,7 +172,7 @@ class RunConfig:
     tasks: Dict[str, Any] = MISSING  # the options differ in shape (synthetic / catalog): tasks/registry.py checks them
     client: ClientConfig = field(default_factory=ClientConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
+    fusion: Dict[str, Any] = MISSING  # {operator: name, **its parameters}: strategies.fusion.build_operator checks it
     seed: int = MISSING
     rounds: int = MISSING
     contributors_per_round: Union[int, str] = MISSING  # k >= 1 or 'all' (validate_config)

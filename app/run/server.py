@@ -25,6 +25,7 @@ from app.run.checkpoint import resume_checkpoint, save_checkpoint
 from app.run.config import to_container
 from app.run.outputs import RunOutputs, read_round_records
 from strategies.coldfusion import ColdFusion
+from strategies.fusion import build_operator
 from strategies.records import RoundRecord
 from strategies.schedule import VIEWS
 from tasks.registry import PoolResolution, resolve_pool
@@ -46,7 +47,7 @@ def build_strategy(cfg: DictConfig, pool: PoolResolution, model_spec: str) -> Co
         finetune_roles=list(cfg.eval.finetune.roles),
         few_shot=cfg.eval.few_shot,
         eval_start=bool(cfg.eval.start),
-        fusion=str(cfg.fusion.operator),
+        fusion=build_operator(to_container(cfg, "fusion")),
         max_update_norm=cfg.validation.max_update_norm,
         max_relative_norm=cfg.validation.max_relative_norm,
         min_peers=int(cfg.validation.min_peers),
@@ -93,6 +94,7 @@ class ServerRun:
             checkpoint = resume_checkpoint(cfg.resume, resolved, bool(cfg.resume_allow_config_change))
             outputs = RunOutputs.reopen(cfg.resume, checkpoint.history)
             strategy.rng.setstate(checkpoint.rng_state)
+            strategy.fusion.load_state_dict(checkpoint.fusion_state)  # a server optimizer's momentum, if any
             run = cls(cfg, resolved, model_path, model_spec, pool, strategy, outputs, checkpoint.body, checkpoint.round + 1,
                       list(checkpoint.history))
             log(INFO, "Resuming %s after round %d", outputs.dir, checkpoint.round)
@@ -109,7 +111,7 @@ class ServerRun:
         """A finished round: checkpoint first, then its metrics line (a crash between them replays the round)."""
         self.history.append(record)
         save_checkpoint(self.outputs.dir, record.round, arrays.to_torch_state_dict(), self.strategy.rng.getstate(),
-                        self.history, self.resolved)
+                        self.history, self.resolved, self.strategy.fusion.state_dict())
         self.outputs.append_round(record)
 
     def finish(self, arrays: ArrayRecord) -> None:
