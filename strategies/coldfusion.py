@@ -70,6 +70,7 @@ class ColdFusion(FedAvg):
         backtrack_threshold: float | None = None,
         backtrack_monitor: str = "contributing",
         query_config: dict[str, Any] | None = None,
+        pinned: Iterable[str] = (),  # testing aid: tasks in every round's sample (attack benchmarks)
         body_signature: str | None = None,
         on_round: Callable[[RoundRecord, ArrayRecord], None] | None = None,
     ) -> None:
@@ -100,6 +101,7 @@ class ColdFusion(FedAvg):
         self.query_config = dict(query_config or {})  # sent with the task query (e.g. the model spec)
         self.body_signature = body_signature  # nodes whose model body differs are refused at discovery
         self.rng = random.Random(seed)  # our own RNG: FedAvg samples with the module-level `random`
+        self.pinned = set(pinned)
         self.nodes: dict[int, NodeTask] = {}
         self._base: ArrayRecord | None = None
         self._record = RoundRecord(0)
@@ -121,6 +123,9 @@ class ColdFusion(FedAvg):
         if self.min_contributions > len(contributing):
             raise FederationError(f"min_contributions={self.min_contributions} is more than the {len(contributing)} "
                                   "contributing node(s): no round could ever fuse")
+        unknown = self.pinned - {n.name for n in contributing}
+        if unknown:
+            raise FederationError(f"faults.pinned {sorted(unknown)} are not contributing tasks of this federation")
         self.nodes = nodes
         return nodes
 
@@ -131,7 +136,10 @@ class ColdFusion(FedAvg):
         # same contributors in every run (and in a resumed one).
         contributing = sorted((n for n, t in self.nodes.items() if t.role == "contributing"),
                               key=lambda n: self.nodes[n].label)
-        chosen = self.rng.sample(contributing, min(self.contributors_per_round or len(contributing), len(contributing)))
+        k = min(self.contributors_per_round or len(contributing), len(contributing))
+        pinned = [n for n in contributing if self.nodes[n].name in self.pinned][:k]
+        # Without pinned tasks this is rng.sample(contributing, k), as it always was: the same draws.
+        chosen = pinned + self.rng.sample([n for n in contributing if n not in pinned], k - len(pinned))
         self._base = arrays
         self._record = RoundRecord(server_round, contributors=[self.nodes[n].label for n in chosen])
         log(INFO, "Round %d contributors: %s", server_round, ", ".join(self._record.contributors))

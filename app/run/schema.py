@@ -152,6 +152,8 @@ class FaultsConfig:
     tasks: Any = MISSING  # null or {task name: Fault} (TYPED_AFTER)
     hang_s: Number = MISSING
     scale: Number = MISSING
+    seed: int = MISSING
+    pinned: Optional[List[str]] = MISSING
 
 
 @dataclass

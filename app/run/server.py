@@ -55,6 +55,7 @@ def build_strategy(cfg: DictConfig, pool: PoolResolution, model_spec: str) -> Co
         backtrack_threshold=cfg.backtrack.threshold,
         backtrack_monitor=str(cfg.backtrack.monitor),
         query_config={"model": model_spec},
+        pinned=list(cfg.faults.pinned or []) if cfg.faults.enabled else [],
     )
 
 

@@ -160,7 +160,7 @@ def contribute(config: Mapping[str, Any], received: dict[str, torch.Tensor], nod
                "stopped-early": int(stats.stopped_early), "seconds": stats.seconds, "server-round": server_round}
     if keep_head:  # 1: the head of an earlier round was found; 0: a fresh one (first contribution, or lost)
         metrics["head-kept"] = int(head_origin == "loaded")
-    body = corrupt_body(fault, body_state(model), received, faults) if fault else body_state(model)
+    body = corrupt_body(fault, body_state(model), received, faults, server_round) if fault else body_state(model)
     return Contribution(body, metrics, fault)
 
 

@@ -14,6 +14,9 @@ to train:
 * ``hang``: sleeps ``faults.hang_s`` seconds before answering (past the round timeout);
 * ``non_finite``: replies with NaN in one tensor; ``wrong_shape``: one tensor of another shape;
   ``drop_key``: one key missing; ``scale``: an update ``faults.scale`` times larger than trained;
+* attacks that pass the norm rule: ``sign_flip`` sends the trained update negated (the honest norm); ``noise``
+  sends a Gaussian direction at the norm of the trained update, the direction drawn from a generator seeded by
+  (``faults.seed``, round), so every node with this fault in a round sends the same crafted direction (colluders);
 * ``malformed``: a reply whose records are wrong, in turn by round: no ``metrics`` record; ``arrays`` that
   is not an ArrayRecord; ``train-loss`` missing and ``num-examples`` of the wrong type.
 """
@@ -27,7 +30,7 @@ from typing import Any, Mapping
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-FAULTS = ("raise", "crash", "hang", "non_finite", "wrong_shape", "drop_key", "scale", "malformed")
+FAULTS = ("raise", "crash", "hang", "non_finite", "wrong_shape", "drop_key", "scale", "malformed", "sign_flip", "noise")
 ALLOW_ENV = "COLDFUSION_ALLOW_FAULTS"
 
 
@@ -67,8 +70,10 @@ def before_training(fault: str | None, settings: Mapping[str, Any]) -> None:
 
 
 def corrupt_body(fault: str | None, body: dict[str, torch.Tensor], received: Mapping[str, torch.Tensor],
-                 settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+                 settings: Mapping[str, Any], server_round: int = 0) -> dict[str, torch.Tensor]:
     """The body this contributor sends after the injected fault."""
+    if fault in ("sign_flip", "noise"):
+        return _attack(fault, body, received, settings, server_round)
     key = next(k for k, v in body.items() if v.is_floating_point())
     if fault == "non_finite":
         body[key] = body[key].clone().fill_(float("nan"))
@@ -80,6 +85,22 @@ def corrupt_body(fault: str | None, body: dict[str, torch.Tensor], received: Map
         factor = float(settings.get("scale", 100.0))
         body = {k: received[k] + factor * (v - received[k]) if v.is_floating_point() else v for k, v in body.items()}
     return body
+
+
+def _attack(fault: str, body: dict[str, torch.Tensor], received: Mapping[str, torch.Tensor],
+            settings: Mapping[str, Any], server_round: int) -> dict[str, torch.Tensor]:
+    """An update crafted to pass the norm rule: its L2 norm is the trained update's (over the floating tensors)."""
+    floating = sorted(k for k, v in body.items() if v.is_floating_point())
+    update = {k: body[k].double() - received[k].double() for k in floating}
+    if fault == "sign_flip":
+        crafted = {k: -u for k, u in update.items()}
+    else:  # noise: one direction per (seed, round), shared by every node that adds it
+        generator = torch.Generator().manual_seed(int(settings.get("seed", 0)) * 1_000_003 + server_round)
+        direction = {k: torch.randn(update[k].shape, generator=generator, dtype=torch.float64) for k in floating}
+        norm = torch.sqrt(sum((u ** 2).sum() for u in update.values()))
+        scale = norm / torch.sqrt(sum((d ** 2).sum() for d in direction.values()))
+        crafted = {k: d * scale for k, d in direction.items()}
+    return {k: (received[k].double() + crafted[k]).to(v.dtype) if k in crafted else v for k, v in body.items()}
 
 
 def malformed_content(server_round: int, body: dict[str, torch.Tensor], metrics: MetricRecord) -> RecordDict:
