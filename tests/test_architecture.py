@@ -61,3 +61,14 @@ def test_long_source_files_say_why():
             if text.count("\n") > MAX_LINES and LONG_FILE_MARKER not in "\n".join(text.splitlines()[:40]):
                 long_files.append(f"{path.relative_to(REPO)} ({text.count(chr(10))} lines)")
     assert long_files == []
+
+
+def test_every_package_is_in_the_wheel():
+    # pyproject.toml lists its packages by hand (conf/ ships as app.conf): a new subpackage must be added there,
+    # or a plain `pip install .` (CI's test_install, every user without a checkout) would lack it.
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for folder in SOURCE_DIRS
+             for p in (REPO / folder).rglob("__init__.py")}
+    assert found - listed == set()
