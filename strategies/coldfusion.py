@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from strategies.discovery import FederationError, NodeTask, discover_nodes
 from strategies.fusion import FusionOperator, build_operator
 from strategies.records import ROLES, SERIES, RoundRecord, fused_norms, monitored_score
-from strategies.replies import MalformedReply, first_line, read_evaluate_reply, read_train_reply
+from strategies.replies import MalformedReply, array_bytes, first_line, read_evaluate_reply, read_train_reply
 from strategies.schedule import VIEWS, due
 from strategies.validation import Contribution, assert_finite, screen
 from tasks.metrics import PRIMARY_METRICS, primary
@@ -143,7 +143,9 @@ class ColdFusion(FedAvg):
         self._base = arrays
         self._record = RoundRecord(server_round, contributors=[self.nodes[n].label for n in chosen])
         log(INFO, "Round %d contributors: %s", server_round, ", ".join(self._record.contributors))
-        return self._messages(chosen, arrays, config, server_round, MessageType.TRAIN)
+        messages = self._messages(chosen, arrays, config, server_round, MessageType.TRAIN)
+        self._record.bytes_train_sent = sum(array_bytes(m.content) for m in messages)
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -161,6 +163,8 @@ class ColdFusion(FedAvg):
                 record.failures.append(f"node {reply.metadata.src_node_id}: reply from a node that was not discovered")
                 continue
             answered.add(node.label)
+            if reply.has_content():
+                record.bytes_train_received += array_bytes(reply.content)
             if reply.has_error():
                 record.failures.append(f"{node.label}: error reply: {first_line(reply.error.reason)}")
                 continue
@@ -230,6 +234,7 @@ class ColdFusion(FedAvg):
                 extra = {"views": ",".join(views), "role": node.role}
                 messages += self._messages([node_id], arrays, ConfigRecord({**dict(config), **extra}),
                                            server_round, MessageType.EVALUATE)
+        self._record.bytes_eval_sent = sum(array_bytes(m.content) for m in messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -240,6 +245,8 @@ class ColdFusion(FedAvg):
         for reply in replies:
             node_id = reply.metadata.src_node_id
             node = self.nodes.get(node_id)
+            if reply.has_content():
+                record.bytes_eval_received += array_bytes(reply.content)
             if node is None or node_id not in self._asked:
                 record.failures.append(f"node {node_id}: evaluation reply that was not asked for")
                 continue

@@ -7,7 +7,7 @@ through :func:`read_records`, which accepts every version written so far and ref
 Versions (``schema`` in every record; records without it are version 1):
 
 * 1: the first released layout (no ``schema`` or ``regression``; ``base_round`` only in its later files);
-* 2: adds ``schema``, ``fusion`` (the operator and parameters that fused the round; ``uniform_mean`` for
+* 2: adds ``schema``, the array bytes sent and received per phase (``bytes_*``; None for version 1), ``fusion`` (the operator and parameters that fused the round; ``uniform_mean`` for
   version 1), ``base_round`` (the round whose fusion produced the base in effect, derived for version 1
   from ``fused`` and ``rolled_back``) and ``regression`` (the tasks scored by Pearson r, derived for version 1
   from the metric names in ``scores``).
@@ -69,6 +69,11 @@ class RoundRecord:
     finetune_heldout: float | None = None
     scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # view -> task -> every metric
     few_shot: int | None = None  # held-out tasks trained on this many examples in the views
+    # Array bytes sent to and received from nodes (bodies; Flower's serialised size), per phase; None: not recorded.
+    bytes_train_sent: int | None = 0
+    bytes_train_received: int | None = 0
+    bytes_eval_sent: int | None = 0
+    bytes_eval_received: int | None = 0
     seconds_train: float = 0.0
     seconds_eval: float = 0.0
 
@@ -109,6 +114,9 @@ def read_records(raw: Iterable[Mapping[str, Any]]) -> list[RoundRecord]:
                 record.fused_contributors = list(record.contributors)
             if record.fused:  # the only operator there was
                 record.fusion = {"operator": "uniform_mean"}
+            for phase in ("train", "eval"):  # not counted then
+                for way in ("sent", "received"):
+                    setattr(record, f"bytes_{phase}_{way}", data.get(f"bytes_{phase}_{way}"))
             record.regression = sorted({task for per_task in record.scores.values()
                                         for task, metrics in per_task.items() if "pearson" in metrics})
         records.append(record)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 
 class MalformedReply(ValueError):
@@ -36,6 +36,11 @@ class QueryAnswer:
     role: str
     site: str
     signature: str | None
+
+
+def array_bytes(content: RecordDict) -> int:
+    """The bytes of every array record of a message's content, as Flower serialises them (data and keys)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
 
 
 def first_line(text: str, limit: int = 200) -> str:

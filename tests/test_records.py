@@ -28,6 +28,7 @@ def test_version_1_records_are_upgraded():
     assert [r.base_round for r in records] == [0, 1, 1, 1]  # a rolled-back or unfused round keeps the base
     assert records[3].regression == ["s"] and records[0].regression == []
     assert [r.fusion for r in records] == [{}, {"operator": "uniform_mean"}, {"operator": "uniform_mean"}, {}]
+    assert records[1].bytes_train_sent is None and RoundRecord(1).bytes_train_sent == 0  # not counted, vs none sent
     assert all(r.schema == SCHEMA_VERSION for r in records)
     # later version-1 files recorded base_round already: it is kept as written
     assert read_records([{"round": 4, "fused": True, "base_round": 2}])[0].base_round == 2

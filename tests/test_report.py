@@ -144,7 +144,7 @@ def test_report_states_gains_baselines_and_verdicts(run_dir, baseline_dir, tmp_p
             "(-1.5 points" in text)
     # per-round table: finetune columns empty at round 1, filled at rounds 0 and 2
     # (columns: probe seen/unseen, mean-pool probe seen/unseen, finetune seen/unseen; this run has no mean-pool)
-    assert _row(text, "1") == [["1", "2", "70.0", "48.0", "-", "-", "-", "-", ""]]
+    assert _row(text, "1") == [["1", "2", "70.0", "48.0", "-", "-", "-", "-", "-", ""]]  # bytes not recorded: "-"
     assert _row(text, "2")[0][:8] == ["2", "2", "75.0", "51.0", "-", "-", "82.0", "53.5"]
     # run facts and embedded plots
     assert "mnli (contributing: not found under data_root)" in text

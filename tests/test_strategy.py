@@ -58,6 +58,12 @@ def test_rounds_sample_contributors_fuse_uniformly_and_evaluate_everyone(tiny_cf
     final = result.arrays.to_torch_state_dict()
     assert_uniform_mean(final, [r.content["arrays"].to_torch_state_dict() for r in round2])
     assert any(not torch.equal(final[k], start.to_torch_state_dict()[k]) for k in final)
+    # bytes on the wire: the body to each of 4 contributors and back, to every node for evaluation, nothing back
+    tensor_bytes = sum(t.numel() * t.element_size() for t in start.to_torch_state_dict().values())
+    body_bytes = ArrayRecord(start.to_torch_state_dict()).count_bytes()  # Flower's serialised size
+    assert tensor_bytes <= body_bytes < 1.1 * tensor_bytes
+    assert [(r.bytes_train_sent, r.bytes_train_received) for r in records] == [(0, 0)] + [(4 * body_bytes,) * 2] * 2
+    assert all((r.bytes_eval_sent, r.bytes_eval_received) == (len(pool) * body_bytes, 0) for r in records)
     # only contributing nodes ever received a train message
     trained = {strategy.nodes[m.metadata.dst_node_id].name for m in grid.sent
                if m.metadata.message_type == MessageType.TRAIN}

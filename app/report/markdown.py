@@ -18,7 +18,7 @@ from app.report.aggregate import (
     verdict,
 )
 from app.report.runs import Run, cfg_get
-from app.report.table import pct
+from app.report.table import megabytes, pct
 from strategies.records import RoundRecord
 
 RECIPE_KEYS = ("lr", "batch_size", "max_steps", "epochs", "head_policy", "weight_decay", "warmup_ratio",
@@ -108,8 +108,9 @@ def round_table(records: Sequence[RoundRecord]) -> str:
             if getattr(r, key):
                 notes.append(f"{len(getattr(r, key))} {key}")
         means = [pct(r.series_mean(v, role)) for v in VIEWS for role in ROLES]
-        rows.append([r.round, len(r.contributors), *means, ", ".join(notes)])
-    headers = ["round", "contributors"] + [f"{v} {w}" for v in VIEWS for w in ROLES.values()] + ["notes"]
+        rows.append([r.round, len(r.contributors), *means, megabytes(r), ", ".join(notes)])
+    headers = (["round", "contributors"] + [f"{v} {w}" for v in VIEWS for w in ROLES.values()]
+               + ["MB out/in", "notes"])
     return md_table(headers, rows)
 
 

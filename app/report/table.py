@@ -17,10 +17,11 @@ def pct(value: float | None) -> str:
 
 def summary_table(records: Iterable[RoundRecord]) -> Table:
     """Round-by-round table: contributors, skipped ones (failed or rejected), the mean train loss of the fused
-    contributions, both probes' means (first token: the paper's view; mean pooling), seconds."""
+    contributions, both probes' means (first token: the paper's view; mean pooling), the array megabytes sent to and
+    received from nodes (training and evaluation together), seconds."""
     table = Table(title="ColD Fusion: linear-probe score of the base after each round")
     for column in ("round", "contributors", "skipped", "train loss", "probe seen", "probe unseen",
-                   "mean-pool seen", "mean-pool unseen", "seconds"):
+                   "mean-pool seen", "mean-pool unseen", "MB out/in", "seconds"):
         table.add_column(column, justify="right")
     for r in records:
         losses = [r.train_loss[c] for c in r.fused_contributors if r.train_loss.get(c) is not None]
@@ -33,9 +34,19 @@ def summary_table(records: Iterable[RoundRecord]) -> Table:
             pct(r.probe_heldout),
             pct(r.probe_mean_pool_contributing),
             pct(r.probe_mean_pool_heldout),
+            megabytes(r),
             f"{r.seconds_train + r.seconds_eval:.1f}",
         )
     return table
+
+
+def megabytes(record: RoundRecord) -> str:
+    """'sent/received' in MB over both phases; '-' for records that did not count bytes."""
+    sent = [record.bytes_train_sent, record.bytes_eval_sent]
+    received = [record.bytes_train_received, record.bytes_eval_received]
+    if None in sent + received:
+        return "-"
+    return f"{sum(sent) / 1e6:.1f}/{sum(received) / 1e6:.1f}"
 
 
 def render_table(records: Iterable[RoundRecord], width: int = 110) -> str:
