@@ -4,7 +4,7 @@ standard deviation over seeds, as a markdown table and a plot.
 
     .venv/bin/python benchmarks/fusion.py --out benchmarks/results/fusion              # every operator, 3 seeds
     .venv/bin/python benchmarks/fusion.py --out DIR --operators uniform_mean,ties --seeds 0 experiment=realdata
-    .venv/bin/python benchmarks/fusion.py --out DIR --summarise-only SWEEP_DIR         # re-read a finished sweep
+    .venv/bin/python benchmarks/fusion.py --out DIR --summarise-only SWEEP_DIR [...]   # re-read finished sweeps
 
 Every operator runs with its documented default parameters (``conf/fusion/<name>.yaml``); the probe runs at the
 first and the last round only (``eval.probe.every=first_last``), which is what the gain compares.
@@ -51,10 +51,10 @@ def gains(run_dir: Path) -> dict[str, float | None]:
     return out
 
 
-def collect(sweep_dir: Path) -> dict[str, list[dict[str, float | None]]]:
-    """operator -> one gains dict per completed job (seed)."""
+def collect(sweep_dirs: list[Path]) -> dict[str, list[dict[str, float | None]]]:
+    """operator -> one gains dict per completed job (seed), over one or more sweeps."""
     by_operator: dict[str, list[dict[str, float | None]]] = {}
-    for job_file in sorted(sweep_dir.glob("*/job.json")):
+    for job_file in sorted(f for sweep_dir in sweep_dirs for f in sweep_dir.glob("*/job.json")):
         job = json.loads(job_file.read_text())
         operator = next(o.split("=", 1)[1] for o in job["overrides"].split() if o.startswith("fusion="))
         if job["status"] == "completed" and job.get("run_dir"):
@@ -114,16 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where the table, plot and run notes go")
     parser.add_argument("--operators", default=",".join(OPERATORS), help="comma-separated operator names")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--summarise-only", type=Path, default=None, help="a finished sweep directory to re-read")
+    parser.add_argument("--summarise-only", type=Path, nargs="+", default=None,
+                        help="finished sweep directories to re-read (their jobs are pooled)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. experiment=realdata")
     args = parser.parse_args(argv)
-    sweep_dir = args.summarise_only or REPO / "outputs" / "benchmarks" / f"fusion-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dirs = args.summarise_only or [REPO / "outputs" / "benchmarks" / f"fusion-{time.strftime('%Y%m%d-%H%M%S')}"]
     if args.summarise_only is None:
-        code = run_sweep(sweep_dir, args.operators.split(","), [int(s) for s in args.seeds.split(",")], args.overrides)
+        code = run_sweep(sweep_dirs[0], args.operators.split(","), [int(s) for s in args.seeds.split(",")],
+                         args.overrides)
         print(f"sweep exit status {code} (non-zero: some job failed; listed below)")
-    by_operator = collect(sweep_dir)
+    by_operator = collect(sweep_dirs)
     if not by_operator:
-        print(f"no completed job in {sweep_dir}")
+        print(f"no completed job in {', '.join(map(str, sweep_dirs))}")
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(by_operator)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "gains.json").write_text(json.dumps(by_operator, indent=1))
     print(text)
     print(f"written: {args.out / 'operators.md'}, {args.out / 'operators.png'}, {args.out / 'gains.json'}; "
-          f"sweep: {sweep_dir}")
+          f"sweeps: {', '.join(map(str, sweep_dirs))}")
     return 0
 
 
