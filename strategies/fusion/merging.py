@@ -122,16 +122,12 @@ class Dare(FusionOperator):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_dare(self)
+        require("drop", self.drop, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        require("scale", self.scale, lambda v: v > 0, "a number > 0")
+        require("seed", self.seed, lambda v: True, "an integer", int)
 
     def start(self, base: StateDict, server_round: int) -> Accumulator:
         return _DareMean(self, base, server_round, of_updates=True)
-
-
-def _check_dare(op: Dare | DareTies) -> None:
-    require("drop", op.drop, lambda v: 0 <= v < 1, "a number in [0, 1)")
-    require("scale", op.scale, lambda v: v > 0, "a number > 0")
-    require("seed", op.seed, lambda v: True, "an integer", int)
 
 
 def _dropped(acc: Accumulator, body: StateDict, label: str) -> dict[str, torch.Tensor]:
@@ -153,19 +149,12 @@ class _DareMean(WeightedSum):
 
 
 @dataclass
-class DareTies(FusionOperator):
+class DareTies(Dare):
     """DARE-TIES (mergekit's ``dare_ties``): DARE's drop-and-rescale as the sparsification step of TIES (Yu et al.
     2024, https://arxiv.org/abs/2311.03099; Yadav et al. 2023, https://arxiv.org/abs/2306.01708), then TIES's
-    sign election and disjoint mean; no magnitude trim. Masks as in ``Dare``."""
+    sign election and disjoint mean; no magnitude trim. Parameters and masks as in ``Dare``."""
 
     name = "dare_ties"
-    streams = True
-    drop: float = 0.9
-    scale: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check_dare(self)
 
     def start(self, base: StateDict, server_round: int) -> Accumulator:
         return _DroppedSigns(self, base, server_round)

@@ -140,21 +140,14 @@ class FedAvgM(_ServerOptimizer):
 
 
 @dataclass
-class Nesterov(_ServerOptimizer):
+class Nesterov(FedAvgM):
     """Nesterov momentum, the outer optimizer of DiLoCo (Douillard et al. 2023, https://arxiv.org/abs/2311.08105;
     its defaults, lr 0.7 and momentum 0.9): ``v = momentum * v + delta``, then
     ``base + server_lr * (delta + momentum * v)``, which is PyTorch's SGD with ``nesterov=True`` on the gradient
-    ``-delta``: the step looks ahead along the momentum it is about to take."""
+    ``-delta``: the step looks ahead along the momentum it is about to take. Parameters and checks as FedAvgM's."""
 
     name = "nesterov"
-    slots = ("momentum",)
     server_lr: float = 0.7
-    momentum: float = 0.9
-
-    def __post_init__(self) -> None:
-        require("server_lr", self.server_lr, lambda v: 0 < v < math.inf, "a finite number > 0")
-        require("momentum", self.momentum, lambda v: 0 <= v < 1, "a number in [0, 1)")
-        super().__post_init__()
 
     def _step(self, delta: dict[str, torch.Tensor], state: State) -> tuple[dict[str, torch.Tensor], State]:
         v = {k: self.momentum * state["momentum"][k] + d for k, d in delta.items()}
