@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from app.run.outputs import read_round_records
 from strategies.fusion import OPERATORS
@@ -51,16 +52,21 @@ def gains(run_dir: Path) -> dict[str, float | None]:
     return out
 
 
+def completed_jobs(sweep_dirs: list[Path]) -> Iterator[tuple[str, dict]]:
+    """(operator, job record) of every completed job of the sweeps; the others are listed, not counted."""
+    for job_file in sorted(f for sweep_dir in sweep_dirs for f in sweep_dir.glob("*/job.json")):
+        job = json.loads(job_file.read_text())
+        if job["status"] == "completed" and job.get("run_dir"):
+            yield next(o.split("=", 1)[1] for o in job["overrides"].split() if o.startswith("fusion=")), job
+        else:
+            print(f"job {job_file.parent} ({job['overrides']}) did not complete: {job.get('reason')}")
+
+
 def collect(sweep_dirs: list[Path]) -> dict[str, list[dict[str, float | None]]]:
     """operator -> one gains dict per completed job (seed), over one or more sweeps."""
     by_operator: dict[str, list[dict[str, float | None]]] = {}
-    for job_file in sorted(f for sweep_dir in sweep_dirs for f in sweep_dir.glob("*/job.json")):
-        job = json.loads(job_file.read_text())
-        operator = next(o.split("=", 1)[1] for o in job["overrides"].split() if o.startswith("fusion="))
-        if job["status"] == "completed" and job.get("run_dir"):
-            by_operator.setdefault(operator, []).append({**gains(Path(job["run_dir"])), "seconds": job["seconds"]})
-        else:
-            print(f"job {job_file.parent.name} ({job['overrides']}) did not complete: {job.get('reason')}")
+    for operator, job in completed_jobs(sweep_dirs):
+        by_operator.setdefault(operator, []).append({**gains(Path(job["run_dir"])), "seconds": job["seconds"]})
     return by_operator
 
 

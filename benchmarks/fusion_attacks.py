@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from app.run.outputs import read_round_records
-from fusion import REPO, mean_std, run_sweep  # benchmarks/fusion.py, next to this script
+from fusion import REPO, completed_jobs, mean_std, run_sweep  # benchmarks/fusion.py, next to this script
 from strategies.records import saved_model_record
 from tasks.synthetic import default_heldout, synthetic_task_infos
 
@@ -42,12 +42,7 @@ def attack_overrides(attack: str, count: int) -> list[str]:
 def final_heldout(sweep_dir: Path) -> dict[str, dict[str, list[float]]]:
     """operator -> series -> the saved model's held-out probe mean, one per completed seed (in points)."""
     out: dict[str, dict[str, list[float]]] = {}
-    for job_file in sorted(sweep_dir.glob("*/job.json")):
-        job = json.loads(job_file.read_text())
-        if job["status"] != "completed" or not job.get("run_dir"):
-            print(f"job {job_file.parent} ({job['overrides']}) did not complete: {job.get('reason')}")
-            continue
-        operator = next(o.split("=", 1)[1] for o in job["overrides"].split() if o.startswith("fusion="))
+    for operator, job in completed_jobs([sweep_dir]):
         records = read_round_records(Path(job["run_dir"]))
         for series in SERIES:
             saved = saved_model_record(records, series)

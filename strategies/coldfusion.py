@@ -197,7 +197,8 @@ class ColdFusion(FedAvg):
         # Folded in a fixed order (by label): the float64 sums, hence the fused base, are the same bit for bit
         # whatever order the replies arrived in (strategies/fusion/base.py).
         valid.sort(key=lambda c: (c.label, c.node_id))
-        self._fusion_state_before = {k: v.clone() for k, v in self.fusion.state_dict().items()}
+        # A snapshot without copying: an operator's step builds new state tensors, never writes into old ones.
+        self._fusion_state_before = dict(self.fusion.state_dict())
         accumulator = self.fusion.start(base, server_round)
         for c in valid:
             accumulator.fold(c.body, label=c.label, examples=record.train_examples[c.label])
