@@ -1,10 +1,10 @@
-"""The ColD Fusion strategy: sample contributors, fuse their bodies uniformly, redistribute.
+"""The ColD Fusion strategy: sample contributors, fuse their bodies, redistribute.
 
 Each round: K contributors (sampled with a seeded RNG among the nodes holding contributing tasks)
-receive the current body, finetune body + their own head, and send back the body; the strategy fuses
-the valid bodies into the next base with its fusion operator (``strategies.fusion``; the paper's uniform
-mean by default). Then
-the nodes score the new base on their tasks in the evaluation views that are due this round (linear
+receive the current body, finetune body + their own head, and send back the body; the strategy validates
+each reply as it arrives and folds the valid bodies into the next base with its fusion operator
+(``strategies.exchange``, ``strategies.intake``, ``strategies.fusion``; the paper's uniform mean by default).
+Then the nodes score the new base on their tasks in the evaluation views that are due this round (linear
 probe and full finetuning, each on its own schedule; ``app.learning.views``): contributing ("seen") and
 held-out ("unseen") tasks alike.
 
@@ -34,12 +34,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from strategies.discovery import FederationError, NodeTask, discover_nodes
+from strategies.exchange import exchange
 from strategies.fusion import FusionOperator, build_operator
-from strategies.records import ROLES, SERIES, RoundRecord, fused_norms, monitored_score
+from strategies.intake import RoundIntake
+from strategies.records import RoundRecord, fused_norms, monitored_score, task_scores
 from strategies.replies import MalformedReply, array_bytes, first_line, read_evaluate_reply, read_train_reply
 from strategies.schedule import VIEWS, due
-from strategies.validation import Contribution, assert_finite, screen
-from tasks.metrics import PRIMARY_METRICS, primary
+from strategies.validation import Contribution, NormRule, assert_finite
 
 
 class ColdFusion(FedAvg):
@@ -71,6 +72,8 @@ class ColdFusion(FedAvg):
         backtrack_monitor: str = "contributing",
         query_config: dict[str, Any] | None = None,
         pinned: Iterable[str] = (),  # testing aid: tasks in every round's sample (attack benchmarks)
+        progress_s: float = 30.0,  # a progress line per phase every this many seconds
+        poll_s: float = 1.0,  # how often to ask Flower for replies that have arrived
         body_signature: str | None = None,
         on_round: Callable[[RoundRecord, ArrayRecord], None] | None = None,
     ) -> None:
@@ -102,6 +105,9 @@ class ColdFusion(FedAvg):
         self.body_signature = body_signature  # nodes whose model body differs are refused at discovery
         self.rng = random.Random(seed)  # our own RNG: FedAvg samples with the module-level `random`
         self.pinned = set(pinned)
+        self.progress_s, self.poll_s = progress_s, poll_s
+        self._chosen: list[int] = []  # this round's contributors (node ids)
+        self._answered: set[str] = set()  # labels of this round's contributors that replied
         self.nodes: dict[int, NodeTask] = {}
         self._base: ArrayRecord | None = None
         self._record = RoundRecord(0)
@@ -140,69 +146,93 @@ class ColdFusion(FedAvg):
         pinned = [n for n in contributing if self.nodes[n].name in self.pinned][:k]
         # Without pinned tasks this is rng.sample(contributing, k), as it always was: the same draws.
         chosen = pinned + self.rng.sample([n for n in contributing if n not in pinned], k - len(pinned))
-        self._base = arrays
+        self._base, self._chosen, self._answered = arrays, chosen, set()
         self._record = RoundRecord(server_round, contributors=[self.nodes[n].label for n in chosen])
         log(INFO, "Round %d contributors: %s", server_round, ", ".join(self._record.contributors))
         messages = self._messages(chosen, arrays, config, server_round, MessageType.TRAIN)
         self._record.bytes_train_sent = sum(array_bytes(m.content) for m in messages)
         return messages
 
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                    timeout: float) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One training round, streamed: each reply is validated and folded into the fusion as it arrives
+        (``strategies.exchange``, ``strategies.intake``), so the server never holds the round's bodies at once."""
+        messages = self.configure_train(server_round, arrays, config, grid)
+        intake = self._open_intake(server_round)
+        record = self._record
+
+        def progress(pending: int, elapsed: float) -> str:
+            return (f"Round {server_round} training: {len(self._answered)}/{len(record.contributors)} replied "
+                    f"({len(record.failures) + intake.rejected()} failed or rejected, "
+                    f"{intake.waiting()} waiting on disk), {pending} pending, {elapsed:.0f}s")
+
+        exchange(grid, messages, timeout, lambda reply: self._take_train_reply(reply, intake), progress,
+                 progress_s=self.progress_s, poll_s=self.poll_s)
+        return self._close_round(server_round, intake)
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply and contribution, then fuse the valid ones; never produce a non-finite base.
-
-        Nothing in a reply can stop the server: a reply from an unknown node, an error, a malformed reply
-        (``strategies.replies``) or a contribution failing validation is recorded with its reason.
-        """
-        record = self._record
-        base = self._base.to_torch_state_dict()
-        contributions, answered = [], set()
+        """Flower's batch form of ``train_round``: the replies of the round sent by ``configure_train``, all at
+        once; the same checks and the same fused base."""
+        intake = self._open_intake(server_round)
         for reply in replies:
-            node = self.nodes.get(reply.metadata.src_node_id)
-            if node is None:
-                record.failures.append(f"node {reply.metadata.src_node_id}: reply from a node that was not discovered")
-                continue
-            answered.add(node.label)
-            if reply.has_content():
-                record.bytes_train_received += array_bytes(reply.content)
-            if reply.has_error():
-                record.failures.append(f"{node.label}: error reply: {first_line(reply.error.reason)}")
-                continue
-            try:
-                parsed = read_train_reply(reply)
-            except MalformedReply as exc:
-                record.failures.append(f"{node.label}: malformed reply: {first_line(str(exc))}")
-                continue
-            contributions.append(Contribution(node.node_id, node.label, parsed.round, parsed.body))
-            record.train_loss[node.label] = parsed.loss
-            record.train_examples[node.label] = parsed.examples
-            if parsed.head_kept is False:  # first contribution, or its head was lost (e.g. a resumed simulation)
-                record.heads_fresh.append(node.label)
+            self._take_train_reply(reply, intake)
+        return self._close_round(server_round, intake)
+
+    def _open_intake(self, server_round: int) -> RoundIntake:
+        base = self._base.to_torch_state_dict()
+        rule = NormRule(self.max_update_norm, self.max_relative_norm, tuple(self.reference_norms), self.min_peers,
+                        self.min_reference_norm)
+        expected = [(self.nodes[n].label, n) for n in self._chosen]
+        return RoundIntake(self.fusion.start(base, server_round), base, server_round, expected, rule)
+
+    def _take_train_reply(self, reply: Message, intake: RoundIntake) -> None:
+        """Nothing in a reply can stop the server: a reply from an unknown node, an error, a malformed reply
+        (``strategies.replies``) or a contribution failing validation is recorded with its reason."""
+        record = self._record
+        node = self.nodes.get(reply.metadata.src_node_id)
+        if node is None:
+            record.failures.append(f"node {reply.metadata.src_node_id}: reply from a node that was not discovered")
+            return
+        self._answered.add(node.label)
+        if reply.has_content():
+            record.bytes_train_received += array_bytes(reply.content)
+        if reply.has_error():
+            record.failures.append(f"{node.label}: error reply: {first_line(reply.error.reason)}")
+            intake.missing(node.label)
+            return
+        try:
+            parsed = read_train_reply(reply)
+        except MalformedReply as exc:
+            record.failures.append(f"{node.label}: malformed reply: {first_line(str(exc))}")
+            intake.missing(node.label)
+            return
+        record.train_loss[node.label] = parsed.loss
+        record.train_examples[node.label] = parsed.examples
+        if parsed.head_kept is False:  # first contribution, or its head was lost (e.g. a resumed simulation)
+            record.heads_fresh.append(node.label)
+        intake.take(Contribution(node.node_id, node.label, parsed.round, parsed.body, parsed.examples))
+
+    def _close_round(self, server_round: int, intake: RoundIntake) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Every verdict is in: record them and, with enough valid contributions, finish the fusion; never produce
+        a non-finite base."""
+        record = self._record
+        taken = intake.close()
         record.heads_fresh.sort()  # replies arrive in any order; the record does not depend on it
         record.failures += [f"{label}: no reply within federation.train_timeout_s"
-                            for label in record.contributors if label not in answered]
-        valid, rejected, norms, notes = screen(
-            contributions, base, server_round, self.max_update_norm, self.max_relative_norm,
-            reference_norms=self.reference_norms, min_peers=self.min_peers,
-            min_reference_norm=self.min_reference_norm)
-        record.rejections = [str(r) for r in rejected]
-        record.notes += notes
-        record.update_norms = {label: round(norm, 6) for label, norm in sorted(norms.items())}
+                            for label in record.contributors if label not in self._answered]
+        record.rejections = [str(r) for r in taken.rejections]
+        record.notes += taken.notes
+        record.update_norms = {label: round(norm, 6) for label, norm in taken.norms.items()}
         for problem in record.failures + record.rejections:
             log(WARNING, "Round %d skipped a contribution: %s", server_round, problem)
-        if len(valid) < self.min_contributions:
+        if len(taken.folded) < self.min_contributions:
             log(WARNING, "Round %d: %d valid contribution(s) < min_contributions=%d: keeping the previous base",
-                server_round, len(valid), self.min_contributions)
+                server_round, len(taken.folded), self.min_contributions)
             return None, None
-        # Folded in a fixed order (by label): the float64 sums, hence the fused base, are the same bit for bit
-        # whatever order the replies arrived in (strategies/fusion/base.py).
-        valid.sort(key=lambda c: (c.label, c.node_id))
         # A snapshot without copying: an operator's step builds new state tensors, never writes into old ones.
         self._fusion_state_before = dict(self.fusion.state_dict())
-        accumulator = self.fusion.start(base, server_round)
-        for c in valid:
-            accumulator.fold(c.body, label=c.label, examples=record.train_examples[c.label])
-        fused = accumulator.finish()
+        fused = intake.accumulator.finish()
         try:
             assert_finite(fused, f"round {server_round} fused base")
         except ValueError as exc:
@@ -212,13 +242,13 @@ class ColdFusion(FedAvg):
             return None, None
         record.fused = True
         record.fusion = self.fusion.describe()
-        record.fused_contributors = [c.label for c in valid]
-        self.reference_norms = [norms[c.label] for c in valid]
+        record.fused_contributors = list(taken.folded)
+        self.reference_norms = [taken.norms[label] for label in taken.folded]
         metrics = MetricRecord({
-            "contributions": len(valid),
+            "contributions": len(taken.folded),
             "failures": len(record.failures),
             "rejections": len(record.rejections),
-            "train-loss": mean(record.train_loss[c.label] for c in valid),
+            "train-loss": mean(record.train_loss[label] for label in taken.folded),
         })
         return ArrayRecord(fused), metrics
 
@@ -264,23 +294,8 @@ class ColdFusion(FedAvg):
             record.failures.append(f"{label}: no evaluation reply within federation.eval_timeout_s")
             log(WARNING, "Round %d: no evaluation reply from %s within federation.eval_timeout_s",
                 server_round, label)
-        record.scores = task_scores(by_node, self.nodes)
-        regression = {n.name for n in self.nodes.values() if n.info.is_regression}
-        summary = {}
-        for series, (view, prefix) in SERIES.items():
-            per_task = {}
-            for task, metrics in record.scores.get(view, {}).items():
-                series_metrics = {m[len(prefix):]: v for m, v in metrics.items() if m.startswith(prefix)}
-                if PRIMARY_METRICS & set(series_metrics):  # a reply may lack a series (e.g. an older client)
-                    per_task[task] = primary(series_metrics)
-            setattr(record, series, per_task)
-            for role in ROLES:
-                values = [score for name, score in per_task.items()
-                          if record.roles.get(name) == role and name not in regression]
-                setattr(record, f"{series}_{role}", mean(values) if values else None)
-                if values:
-                    summary[f"{series}-{role}"] = mean(values)
-        return MetricRecord(summary)
+        record.scores = task_scores(by_node, {n: t.name for n, t in self.nodes.items()})
+        return MetricRecord(record.summarise_scores({n.name for n in self.nodes.values() if n.info.is_regression}))
 
     def _messages(self, node_ids: list[int], arrays: ArrayRecord, config: ConfigRecord, server_round: int,
                   message_type: str) -> list[Message]:
@@ -321,9 +336,7 @@ class ColdFusion(FedAvg):
             previous, previous_base_round = arrays, base_round
             self._record = RoundRecord(server_round)
             if server_round > 0:
-                replies = grid.send_and_receive(self.configure_train(server_round, arrays, train_config, grid),
-                                                timeout=timeouts["train"])
-                fused, train_metrics = self.aggregate_train(server_round, replies)
+                fused, train_metrics = self.train_round(grid, server_round, arrays, train_config, timeouts["train"])
                 if fused is not None:
                     arrays, base_round = fused, server_round
                 if train_metrics is not None:
@@ -337,8 +350,12 @@ class ColdFusion(FedAvg):
                            and (server_round > 0 or self.eval_start or num_rounds == 0)]
             if self._views:
                 t1 = time.perf_counter()
-                replies = grid.send_and_receive(
-                    self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout=timeouts["eval"])
+                replies: list[Message] = []
+                exchange(grid, self.configure_evaluate(server_round, arrays, evaluate_config, grid),
+                         timeouts["eval"], replies.append,
+                         lambda pending, elapsed: (f"Round {server_round} evaluation: {len(replies)}/{len(self._asked)} "
+                                                   f"replied, {pending} pending, {elapsed:.0f}s"),
+                         progress_s=self.progress_s, poll_s=self.poll_s)
                 eval_metrics = self.aggregate_evaluate(server_round, replies)
                 if eval_metrics is not None:
                     result.evaluate_metrics_clientapp[server_round] = eval_metrics
@@ -364,19 +381,6 @@ class ColdFusion(FedAvg):
     def _should_roll_back(self, record: RoundRecord, before: float | None, after: float | None) -> bool:
         return (self.backtrack_threshold is not None and record.fused and before is not None
                 and after is not None and before - after > self.backtrack_threshold)
-
-
-def task_scores(by_node: Mapping[int, Mapping[str, Mapping[str, float]]],
-                nodes: Mapping[int, NodeTask]) -> dict[str, dict[str, dict[str, float]]]:
-    """view -> task -> metric -> value: each metric averaged over the task's nodes that reported it."""
-    collected: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for node_id, views in by_node.items():
-        for view, metrics in views.items():
-            per_task = collected.setdefault(view, {}).setdefault(nodes[node_id].name, {})
-            for metric, value in metrics.items():
-                per_task.setdefault(metric, []).append(value)
-    return {view: {task: {m: mean(v) for m, v in metrics.items()} for task, metrics in sorted(tasks.items())}
-            for view, tasks in collected.items()}
 
 
 def _fmt(value: float | None) -> str:

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from statistics import mean
 from typing import Any
+
+from tasks.metrics import PRIMARY_METRICS, primary
 
 SCHEMA_VERSION = 2
 ROLES = ("contributing", "heldout")  # "seen" and "unseen" in the paper's words
@@ -76,6 +79,25 @@ class RoundRecord:
     bytes_eval_received: int | None = 0
     seconds_train: float = 0.0
     seconds_eval: float = 0.0
+
+    def summarise_scores(self, regression: set[str]) -> dict[str, float]:
+        """From ``scores``: each series' primary score per task and its mean per role (regression tasks left out
+        of the means, as in the paper); returns the means as ``<series>-<role>``."""
+        summary = {}
+        for series, (view, prefix) in SERIES.items():
+            per_task = {}
+            for task, metrics in self.scores.get(view, {}).items():
+                series_metrics = {m[len(prefix):]: v for m, v in metrics.items() if m.startswith(prefix)}
+                if PRIMARY_METRICS & set(series_metrics):  # a reply may lack a series (e.g. an older client)
+                    per_task[task] = primary(series_metrics)
+            setattr(self, series, per_task)
+            for role in ROLES:
+                values = [score for name, score in per_task.items()
+                          if self.roles.get(name) == role and name not in regression]
+                setattr(self, f"{series}_{role}", mean(values) if values else None)
+                if values:
+                    summary[f"{series}-{role}"] = mean(values)
+        return summary
 
     def series_mean(self, series: str, role: str) -> float | None:
         """The mean of a score series over the classification tasks of a role (None where it did not run)."""
@@ -155,3 +177,16 @@ def saved_model_record(records: Sequence[RoundRecord], series: str) -> RoundReco
         if record.evaluated(series):
             return record
     return None
+
+
+def task_scores(by_node: Mapping[int, Mapping[str, Mapping[str, float]]],
+                names: Mapping[int, str]) -> dict[str, dict[str, dict[str, float]]]:
+    """view -> task -> metric -> value: each metric averaged over the task's nodes that reported it."""
+    collected: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for node_id, views in by_node.items():
+        for view, metrics in views.items():
+            per_task = collected.setdefault(view, {}).setdefault(names[node_id], {})
+            for metric, value in metrics.items():
+                per_task.setdefault(metric, []).append(value)
+    return {view: {task: {m: mean(v) for m, v in metrics.items()} for task, metrics in sorted(tasks.items())}
+            for view, tasks in collected.items()}

@@ -19,7 +19,8 @@ from app.client_app import app as client_app
 from app.site.faults import malformed_content
 from app.learning.model import initial_body
 from app.run.server import round_configs
-from strategies.coldfusion import ColdFusion, task_scores
+from strategies.coldfusion import ColdFusion
+from strategies.records import task_scores
 from strategies.discovery import FederationError, NodeTask, label_nodes
 from strategies.records import fused_norms, monitored_score, read_records
 from strategies.replies import MalformedReply, read_evaluate_reply, read_query_answer, read_train_reply
@@ -201,7 +202,8 @@ def test_task_scores_average_a_tasks_nodes():
     nodes = {1: NodeTask(1, "t", "contributing", info, "{}"), 2: NodeTask(2, "t", "contributing", info, "{}"),
              3: NodeTask(3, "u", "heldout", info, "{}")}
     scores = task_scores({1: {"probe": {"accuracy": 0.6}}, 2: {"probe": {"accuracy": 0.8}},
-                          3: {"probe": {"accuracy": 0.1}, "finetune": {"accuracy": 0.2}}}, nodes)
+                          3: {"probe": {"accuracy": 0.1}, "finetune": {"accuracy": 0.2}}},
+                         {n: t.name for n, t in nodes.items()})
     assert scores == {"probe": {"t": {"accuracy": pytest.approx(0.7)}, "u": {"accuracy": 0.1}},
                       "finetune": {"u": {"accuracy": 0.2}}}
     labelled = {n.node_id: n.label for n in label_nodes(nodes.values())}

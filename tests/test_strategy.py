@@ -1,6 +1,7 @@
 """The ColD Fusion strategy end to end over an in-process Grid with the real ClientApp."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -29,9 +30,9 @@ def _configs(cfg):
     return round_configs(cfg, model_json(cfg))
 
 
-def _run(cfg, pool, tiny_path, client=client_app, rounds=2, node_id_step=1, **kwargs):
+def _run(cfg, pool, tiny_path, client=client_app, rounds=2, node_id_step=1, arrival="sent", **kwargs):
     grid = InProcessGrid(client, [{"partition-id": i, "num-partitions": len(pool)} for i in range(len(pool))],
-                         node_id_step=node_id_step)
+                         node_id_step=node_id_step, arrival=arrival)
     records = []
     kwargs = {"contributors_per_round": 4, **kwargs}
     strategy = ColdFusion(pool=pool, seed=0, node_wait_timeout=5,
@@ -68,6 +69,27 @@ def test_rounds_sample_contributors_fuse_uniformly_and_evaluate_everyone(tiny_cf
     trained = {strategy.nodes[m.metadata.dst_node_id].name for m in grid.sent
                if m.metadata.message_type == MessageType.TRAIN}
     assert trained and not trained & heldout
+
+
+def test_replies_arriving_in_another_order_give_the_same_base_and_records(tiny_cfg, small_pool, tiny_path, caplog):
+    """The strategy folds each reply as it arrives (strategies/intake.py) yet in a canonical order: the last
+    contributor answering first changes nothing, bit for bit."""
+    runs = [_run(tiny_cfg, small_pool, tiny_path, arrival=arrival, poll_s=0.0, progress_s=0.0,
+                 eval_schedule={"probe": None}) for arrival in ("sent", "reversed")]
+    # while replies are pending, progress lines: the reversed run waits three polls per training round
+    assert re.search(r"Round 2 training: 1/4 replied \(0 failed or rejected, [01] waiting on disk\), 3 pending",
+                     caplog.text)
+    (_, _, records_a, _, result_a), (grid_b, _, records_b, _, result_b) = runs
+    final_a, final_b = result_a.arrays.to_torch_state_dict(), result_b.arrays.to_torch_state_dict()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    strip = ("seconds_train", "seconds_eval")
+    assert [{k: v for k, v in vars(r).items() if k not in strip} for r in records_a] == \
+           [{k: v for k, v in vars(r).items() if k not in strip} for r in records_b]
+    # the reversed run really took its replies in another order: the last sent first
+    train = [m.metadata.message_id for m in grid_b.sent if m.metadata.message_type == MessageType.TRAIN][-4:]
+    assert [r.metadata.reply_to_message_id for r in grid_b.pulled
+            if r.metadata.reply_to_message_id in train] == train[::-1]
+    assert records_b[2].fused_contributors == sorted(records_b[2].fused_contributors)
 
 
 def test_an_all_contributions_operator_fuses_the_round_by_its_rule(tiny_cfg, small_pool, tiny_path):

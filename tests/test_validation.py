@@ -168,3 +168,11 @@ def test_relative_rule_with_many_contributions_and_a_median_of_zero():
     _, rejected, _, _ = screen([one], base, 3, max_relative_norm=5, reference_norms=[1e-9, 1e-9],
                                min_reference_norm=1e-3)
     assert [r.label for r in rejected] == ["t0"] and "(0.001, median of 2 peers)" in rejected[0].reason
+
+
+def test_a_huge_finite_update_is_judged_by_its_norm_not_called_non_finite():
+    base = _base()
+    huge = {k: v + 1e25 if v.is_floating_point() else v for k, v in base.items()}  # its float32 squares overflow
+    valid, rejected, norms, _ = screen([Contribution(0, "t0", 3, huge)], base, 3, max_update_norm=1e25)
+    assert not valid and rejected[0].reason.startswith("update norm 6e+25 > max_update_norm")
+    assert norms["t0"] == pytest.approx(_norm(base, huge), rel=1e-9)

@@ -25,7 +25,10 @@ from app.run.outputs import fsync_path, strict
 from strategies.records import SCHEMA_VERSION, RecordError, RoundRecord, read_records
 
 # Keys that may differ between a run and its resumption: how to resume, and how long to go on.
-RESUMABLE_KEYS = ("resume", "resume_allow_config_change", "rounds")
+# Keys a resumed run may change freely: none changes what a round computes (where clients run, how often the log
+# says how far a phase is, how many rounds to go).
+RESUMABLE_KEYS = ("resume", "resume_allow_config_change", "rounds", "federation.progress_s", "simulation.client_cpus",
+                  "simulation.client_gpus")
 
 
 @dataclass

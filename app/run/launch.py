@@ -114,8 +114,15 @@ def check_pool(cfg: DictConfig, pool: list[dict]) -> None:
         load_task(entry)  # TaskDataError naming the file, key, row and value
 
 
+def federation_config(cfg: DictConfig, num_nodes: int) -> str:
+    """Flower's ``--federation-config`` for a simulation: the virtual clients and what Ray reserves for each
+    (``simulation.client_cpus``, ``simulation.client_gpus``; Ray hides the GPUs from a client that reserves none)."""
+    return (f"num-supernodes={num_nodes} client-resources-num-cpus={int(cfg.simulation.client_cpus)} "
+            f"client-resources-num-gpus={float(cfg.simulation.client_gpus)}")
+
+
 def run_simulation(overrides: list[str], experiment: str = "", output_root: Path | None = None,
-                   cpus_per_client: int = 1, cfg: DictConfig | None = None) -> tuple[str, Path | None]:
+                   cfg: DictConfig | None = None) -> tuple[str, Path | None]:
     """Compose, launch, wait; return (final status, the run's output directory).
 
     ``cfg``: the configuration already composed from ``experiment`` and ``overrides`` (a sweep job's), checked
@@ -141,9 +148,9 @@ def run_simulation(overrides: list[str], experiment: str = "", output_root: Path
     console.print(f"[bold]ColD Fusion[/bold]: {num_nodes} virtual clients, {cfg.rounds} rounds, "
                   f"{cfg.contributors_per_round} contributors/round, model={cfg.model.name_or_path}")
     run_config = {"experiment": experiment, "overrides": " ".join(overrides), "output-dir": str(output_root)}
-    federation_config = f"num-supernodes={num_nodes} client-resources-num-cpus={cpus_per_client}"
     with simulation_superlink(workdir / "superlink.log", allow_faults=bool(cfg.faults.enabled)) as env:
-        run_id, status = submit_run(env, run_config, federation_config, workdir, timeout_s=run_timeout(cfg))
+        run_id, status = submit_run(env, run_config, federation_config(cfg, num_nodes), workdir,
+                                    timeout_s=run_timeout(cfg))
     if cfg.resume:
         return status, Path(str(cfg.resume)).resolve()
     run_dirs = sorted(output_root.glob(f"*-run{run_id}"))
@@ -156,15 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. rounds=3 experiment=quick")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where runs are written (default: outputs/ of the checkout, else ./outputs)")
-    parser.add_argument("--cpus-per-client", type=int, default=1,
-                        help="Ray CPUs per virtual client (on 2 cores, 1 runs two clients at a time)")
     args = parser.parse_args(argv)
     experiment = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")), "")
     overrides = [o for o in args.overrides if not o.startswith("experiment=")]
     # SIGTERM (a scheduler, a test, `kill PID`) unwinds like Ctrl-C, so the SuperLink is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        status, run_dir = run_simulation(overrides, experiment, args.output_dir, args.cpus_per_client)
+        status, run_dir = run_simulation(overrides, experiment, args.output_dir)
     except (ConfigError, TaskDataError, ModelLoadError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

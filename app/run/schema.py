@@ -164,6 +164,13 @@ class FederationConfig:
     train_timeout_s: Number = MISSING
     eval_timeout_s: Number = MISSING
     run_timeout_s: Optional[Number] = MISSING
+    progress_s: Number = MISSING
+
+
+@dataclass
+class SimulationConfig:
+    client_cpus: int = MISSING
+    client_gpus: Number = MISSING
 
 
 @dataclass
@@ -185,6 +192,7 @@ class RunConfig:
     resume_allow_config_change: bool = MISSING
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
 # Keys typed Any above, and the type their value has when it is not null.

@@ -56,6 +56,7 @@ def build_strategy(cfg: DictConfig, pool: PoolResolution, model_spec: str) -> Co
         backtrack_monitor=str(cfg.backtrack.monitor),
         query_config={"model": model_spec},
         pinned=list(cfg.faults.pinned or []) if cfg.faults.enabled else [],
+        progress_s=float(cfg.federation.progress_s),
     )
 
 
