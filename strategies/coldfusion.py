@@ -40,6 +40,7 @@ from strategies.intake import RoundIntake
 from strategies.records import RoundRecord, fused_norms, monitored_score, task_scores
 from strategies.replies import MalformedReply, array_bytes, first_line, read_evaluate_reply, read_train_reply
 from strategies.schedule import VIEWS, due
+from strategies.transport import TransportError, encode, received_body, sends_updates
 from strategies.validation import Contribution, NormRule, assert_finite
 
 
@@ -72,6 +73,7 @@ class ColdFusion(FedAvg):
         backtrack_monitor: str = "contributing",
         query_config: dict[str, Any] | None = None,
         pinned: Iterable[str] = (),  # testing aid: tasks in every round's sample (attack benchmarks)
+        transport: str = "float32",  # the precision bodies travel in (strategies.transport)
         progress_s: float = 30.0,  # a progress line per phase every this many seconds
         poll_s: float = 1.0,  # how often to ask Flower for replies that have arrived
         body_signature: str | None = None,
@@ -106,6 +108,8 @@ class ColdFusion(FedAvg):
         self.rng = random.Random(seed)  # our own RNG: FedAvg samples with the module-level `random`
         self.pinned = set(pinned)
         self.progress_s, self.poll_s = progress_s, poll_s
+        self.transport = transport
+        sends_updates(transport)  # an unknown transport fails here, not in round 1
         self._chosen: list[int] = []  # this round's contributors (node ids)
         self._answered: set[str] = set()  # labels of this round's contributors that replied
         self.nodes: dict[int, NodeTask] = {}
@@ -149,7 +153,7 @@ class ColdFusion(FedAvg):
         self._base, self._chosen, self._answered = arrays, chosen, set()
         self._record = RoundRecord(server_round, contributors=[self.nodes[n].label for n in chosen])
         log(INFO, "Round %d contributors: %s", server_round, ", ".join(self._record.contributors))
-        messages = self._messages(chosen, arrays, config, server_round, MessageType.TRAIN)
+        messages = self._messages(chosen, self._wire(arrays), config, server_round, MessageType.TRAIN)
         self._record.bytes_train_sent = sum(array_bytes(m.content) for m in messages)
         return messages
 
@@ -203,7 +207,8 @@ class ColdFusion(FedAvg):
             return
         try:
             parsed = read_train_reply(reply)
-        except MalformedReply as exc:
+            body = received_body(parsed.body, intake.base, self.transport)
+        except (MalformedReply, TransportError) as exc:
             record.failures.append(f"{node.label}: malformed reply: {first_line(str(exc))}")
             intake.missing(node.label)
             return
@@ -211,7 +216,7 @@ class ColdFusion(FedAvg):
         record.train_examples[node.label] = parsed.examples
         if parsed.head_kept is False:  # first contribution, or its head was lost (e.g. a resumed simulation)
             record.heads_fresh.append(node.label)
-        intake.take(Contribution(node.node_id, node.label, parsed.round, parsed.body, parsed.examples))
+        intake.take(Contribution(node.node_id, node.label, parsed.round, body, parsed.examples))
 
     def _close_round(self, server_round: int, intake: RoundIntake) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Every verdict is in: record them and, with enough valid contributions, finish the fusion; never produce
@@ -256,14 +261,14 @@ class ColdFusion(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Every node gets the probe view when due; the finetune view goes to the roles it covers."""
-        messages, self._asked = [], {}
+        messages, self._asked, wire = [], {}, self._wire(arrays)
         for node_id in sorted(self.nodes, key=lambda n: self.nodes[n].label):
             node = self.nodes[node_id]
             views = tuple(v for v in self._views if v != "finetune" or node.role in self.finetune_roles)
             if views:
                 self._asked[node_id] = views
                 extra = {"views": ",".join(views), "role": node.role}
-                messages += self._messages([node_id], arrays, ConfigRecord({**dict(config), **extra}),
+                messages += self._messages([node_id], wire, ConfigRecord({**dict(config), **extra}),
                                            server_round, MessageType.EVALUATE)
         self._record.bytes_eval_sent = sum(array_bytes(m.content) for m in messages)
         return messages
@@ -297,12 +302,17 @@ class ColdFusion(FedAvg):
         record.scores = task_scores(by_node, {n: t.name for n, t in self.nodes.items()})
         return MetricRecord(record.summarise_scores({n.name for n in self.nodes.values() if n.info.is_regression}))
 
+    def _wire(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The base as it travels (``strategies.transport``), encoded once for every message of a phase."""
+        return ArrayRecord(encode(arrays.to_torch_state_dict(), self.transport)) if sends_updates(self.transport) \
+            else arrays
+
     def _messages(self, node_ids: list[int], arrays: ArrayRecord, config: ConfigRecord, server_round: int,
                   message_type: str) -> list[Message]:
         messages = []
         for node_id in node_ids:
             node_config = ConfigRecord({**dict(config), "server-round": server_round,
-                                        "task-entry": self.nodes[node_id].entry})
+                                        "task-entry": self.nodes[node_id].entry, "transport": self.transport})
             content = RecordDict({"arrays": arrays, "config": node_config})
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
         return messages

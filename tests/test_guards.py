@@ -145,7 +145,7 @@ def test_one_feature_pass_gives_the_first_token_and_the_mean_pool(tiny_cfg, tiny
             mean.append(hidden.mean(axis=0))
     np.testing.assert_allclose(features["first_token"][0], np.stack(first), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(features["mean_pool"][0], np.stack(mean), rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(features["first_token"][1], np.array(split["labels"]))
+    np.testing.assert_array_equal(features["first_token"][1], np.array([row["labels"] for row in split]))
 
 
 def test_the_probe_view_reports_both_poolings(tiny_cfg, tiny_path, pool, node):

@@ -193,3 +193,14 @@ def test_a_bfloat16_model_is_refused_at_the_start_with_the_reason(tiny_path, tmp
 def test_a_model_path_that_does_not_load_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match=str(tmp_path / "missing")):
         initial_body(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_path", "half_path"])
+def test_the_query_signature_is_worked_out_without_weights_and_equals_the_real_bodys(fixture, request):
+    from app.learning.model import body_signature, body_state, model_body_signature
+
+    path = request.getfixturevalue(fixture)
+    for num_labels in (1, 3):
+        built = body_state(build_classifier(path, num_labels, 0))
+        assert model_body_signature(path, num_labels) == body_signature(built)
+    assert body_signature(initial_body(path)) == model_body_signature(path, 2)  # what the server compares it with

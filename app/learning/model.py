@@ -254,8 +254,22 @@ def initial_body(path: str) -> dict[str, torch.Tensor]:
 
 def body_signature(body: Mapping[str, torch.Tensor]) -> str:
     """Digest of a body's key names, shapes and dtypes: equal signatures mean the bodies can be fused."""
-    layout = [(k, tuple(v.shape), str(v.dtype)) for k, v in sorted(body.items())]
-    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+    return _layout_digest((k, tuple(v.shape), v.dtype) for k, v in body.items())
+
+
+def model_body_signature(path: str, num_labels: int) -> str:
+    """``body_signature`` of the body ``build_classifier(path, num_labels, ...)`` would send, worked out on the meta
+    device: the model's layout without allocating or initialising a single weight (a node answers the server's
+    task query with it, in a fresh process per message in a deployment)."""
+    with torch.device("meta"):
+        model = build_classifier(path, num_labels, 0)
+    keys, _ = split_keys(model)
+    dtypes, state = storage_dtypes(model), model.state_dict()
+    return _layout_digest((rel, tuple(state[key].shape), dtypes[key]) for key, rel in keys.items())
+
+
+def _layout_digest(layout) -> str:
+    return hashlib.sha256(json.dumps(sorted((k, list(s), str(d)) for k, s, d in layout)).encode()).hexdigest()[:16]
 
 
 def body_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -264,6 +278,13 @@ def body_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     keys, _ = split_keys(model)
     dtypes, state = storage_dtypes(model), model.state_dict()
     return {rel: state[key].detach().to("cpu", dtypes[key], copy=True).contiguous() for key, rel in keys.items()}
+
+
+def body_dtypes(model: PreTrainedModel) -> dict[str, torch.dtype]:
+    """Each body key's dtype as it travels (``body_state``'s), without copying the body."""
+    keys, _ = split_keys(model)
+    dtypes = storage_dtypes(model)
+    return {rel: dtypes[key] for key, rel in keys.items()}
 
 
 def head_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ def extract_features(body, dataset, tokenizer, batch_size: int, device) -> dict[
     """
     body.to(device).eval()
     loader = DataLoader(
-        dataset.with_format("torch"), batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer)
+        dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer)
     )
     feats: dict[str, list[np.ndarray]] = {name: [] for name in POOLINGS}
     labels = []

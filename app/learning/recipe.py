@@ -113,7 +113,7 @@ def finetune(model, train_set, tokenizer, recipe: Mapping[str, Any], seed: int, 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     batch_size = int(recipe["batch_size"])
-    loader = DataLoader(train_set.with_format("torch"), batch_size=batch_size, shuffle=True, generator=generator,
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
                         collate_fn=DataCollatorWithPadding(tokenizer))
     total = _budget(len(loader), recipe.get("max_steps"), recipe.get("epochs"))
     optimizer = RecipeOptimizer.build(list(model.parameters()), recipe, total)
@@ -154,7 +154,7 @@ def predict(model, dataset, tokenizer, batch_size: int, device, regression: bool
     """Predictions (class indices, or values for regression) and labels for a tokenised split."""
     was_training = model.training
     model.to(device).eval()
-    loader = DataLoader(dataset.with_format("torch"), batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
     predictions, labels = [], []
     for batch in loader:
         labels.append(batch.pop("labels").numpy())

@@ -69,7 +69,7 @@ def train_multitask(cfg, out_dir: Path, steps: int) -> dict[str, int]:
         else:  # every head sits on the one shared body
             setattr(model, model.base_model_prefix, body)
         models[info.name] = model
-        train = tokenize_task(data, tokenizer, int(recipe["max_length"]))["train"].with_format("torch")
+        train = tokenize_task(data, tokenizer, int(recipe["max_length"]))["train"]
         loader = DataLoader(train, batch_size=int(recipe["batch_size"]), shuffle=True, collate_fn=DataCollatorWithPadding(tokenizer),
                             generator=torch.Generator().manual_seed(derive_seed(seed, info.name, "multitask")))
         batches[info.name] = endless(loader)

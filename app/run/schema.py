@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from app.site.faults import FAULTS
+from strategies.transport import TRANSPORT_DTYPES
 
 Number = Union[int, float]  # an int stays an int, a float a float: the written config.yaml keeps the yaml's values
 
@@ -53,6 +54,7 @@ class Role(Choice):  # backtrack.monitor, eval.finetune.roles
 
 
 Fault = Choice("Fault", {name: name for name in FAULTS})  # a fault of app/site/faults.py
+TransportDtype = Choice("TransportDtype", {name: name for name in TRANSPORT_DTYPES})  # strategies/transport.py
 
 
 @dataclass
@@ -141,6 +143,11 @@ class ValidationConfig:
 
 
 @dataclass
+class TransportConfig:
+    dtype: TransportDtype = MISSING  # type: ignore[valid-type]
+
+
+@dataclass
 class BacktrackConfig:
     threshold: Optional[Number] = MISSING
     monitor: Role = MISSING
@@ -187,6 +194,7 @@ class RunConfig:
     contributors_per_round: Union[int, str] = MISSING  # k >= 1 or 'all' (validate_config)
     min_contributions: int = MISSING
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     backtrack: BacktrackConfig = field(default_factory=BacktrackConfig)
     resume: Optional[str] = MISSING
     resume_allow_config_change: bool = MISSING

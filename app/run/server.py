@@ -57,6 +57,7 @@ def build_strategy(cfg: DictConfig, pool: PoolResolution, model_spec: str) -> Co
         query_config={"model": model_spec},
         pinned=list(cfg.faults.pinned or []) if cfg.faults.enabled else [],
         progress_s=float(cfg.federation.progress_s),
+        transport=str(cfg.transport.dtype),
     )
 
 

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord
 from flwr.common import log
 
 from app.learning.model import (
-    body_signature,
+    body_dtypes,
     body_state,
     build_classifier,
     derive_seed,
@@ -27,6 +27,7 @@ from app.learning.model import (
     load_body,
     load_head,
     load_tokenizer,
+    model_body_signature,
     pick_device,
     resolve_model,
 )
@@ -34,6 +35,7 @@ from app.learning.recipe import finetune
 from app.learning.views import VIEW_FUNCTIONS
 from app.site.faults import before_training, corrupt_body, fault_for
 from app.site.state import SiteState
+from strategies.transport import decode, encode, sends_updates
 from tasks.registry import entry_key, load_task_cached
 from tasks.spec import TaskDataError
 from tasks.splits import train_dev
@@ -78,8 +80,7 @@ def answer_query(node_config: Mapping[str, Any], config: Mapping[str, Any]) -> d
     answer = {"info": info.to_json(), "entry": entry_key(entry), "role": str(node_config.get("role", "")),
               "site": site_name(node_config)}  # an empty role: the server's pool decides
     if "model" in config:
-        model = build_classifier(_model_path(str(config["model"])), info.num_labels, 0)
-        answer["body-signature"] = body_signature(body_state(model))
+        answer["body-signature"] = model_body_signature(_model_path(str(config["model"])), info.num_labels)
     return answer
 
 
@@ -136,6 +137,8 @@ def contribute(config: Mapping[str, Any], received: dict[str, torch.Tensor], nod
     # A fresh head is drawn from a seed that depends on the task (and on the round when heads are
     # re-initialised), so runs are reproducible and no head is ever reused by accident.
     model = build_classifier(path, info.num_labels, derive_seed(seed, info.name, "head", 0 if keep_head else server_round))
+    transport = str(config.get("transport", "float32"))
+    received = decode(received, transport, body_dtypes(model))  # the base exactly as this node received it
     load_body(model, received)
     faults = json.loads(str(config.get("faults", "{}")))
     fault = fault_for(faults, info.name, node_config)  # testing aid: off unless enabled and opted in
@@ -161,6 +164,8 @@ def contribute(config: Mapping[str, Any], received: dict[str, torch.Tensor], nod
     if keep_head:  # 1: the head of an earlier round was found; 0: a fresh one (first contribution, or lost)
         metrics["head-kept"] = int(head_origin == "loaded")
     body = corrupt_body(fault, body_state(model), received, faults, server_round) if fault else body_state(model)
+    if sends_updates(transport):  # half-precision transport: the update against what was received, not the body
+        body = encode({k: v - received[k] if v.is_floating_point() else v for k, v in body.items()}, transport)
     return Contribution(body, metrics, fault)
 
 
@@ -175,7 +180,7 @@ def score_body(config: Mapping[str, Any], body: dict[str, torch.Tensor],
     metrics: dict[str, float] = {"num-examples": len(data["test"])}
     for view in str(config["views"]).split(","):
         model = build_classifier(path, info.num_labels, seed)
-        load_body(model, body)
+        load_body(model, decode(body, str(config.get("transport", "float32")), body_dtypes(model)))
         scores = VIEW_FUNCTIONS[view](model, info, tokenizer, data, settings, recipe, seed, device, few_shot)
         metrics.update({f"{view}.{name}": float(value) for name, value in scores.items()})
     return metrics
