@@ -231,6 +231,9 @@ class ColdFusion(FedAvg):
         record.update_norms = {label: round(norm, 6) for label, norm in taken.norms.items()}
         for problem in record.failures + record.rejections:
             log(WARNING, "Round %d skipped a contribution: %s", server_round, problem)
+        if taken.spilled:
+            log(INFO, "Round %d: %d contribution(s) arrived ahead of their turn and waited on disk (at most %d at once)",
+                server_round, taken.spilled, taken.peak_waiting)
         if len(taken.folded) < self.min_contributions:
             log(WARNING, "Round %d: %d valid contribution(s) < min_contributions=%d: keeping the previous base",
                 server_round, len(taken.folded), self.min_contributions)

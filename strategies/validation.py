@@ -62,13 +62,14 @@ def inspect(body: StateDict, base: StateDict) -> tuple[str | None, float | None]
             return f"'{key}' has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}", None
         if tensor.dtype != ref.dtype:
             return f"'{key}' has dtype {tensor.dtype}, expected {ref.dtype}", None
-    # The difference and its squares in the tensors' own dtype, summed in float64: one fused pass, no float64 copy
-    # of either body (2.4x faster than converting both). The difference of two nearby floats is exact (Sterbenz)
-    # and a square loses at most half an ulp, so the norm is good to ~1e-7 relative, ample for a bound.
+    # The difference in the tensors' own dtype (exact for nearby floats, Sterbenz), then its squares summed by a
+    # float64 dot product: the norm agrees with an all-float64 computation to ~1e-12 and takes a fifth of its
+    # time (no float64 copy of either body; a float32 dot would be faster but is off by ~1e-5).
     total = 0.0
     for key, ref in base.items():
         if ref.is_floating_point():
-            total += float(torch.sub(body[key], ref).square_().sum(dtype=torch.float64))
+            diff = torch.sub(body[key], ref).reshape(-1).double()
+            total += float(torch.dot(diff, diff))
     if not math.isfinite(total):
         bad = next((k for k, v in body.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
         if bad is not None:

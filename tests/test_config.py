@@ -50,6 +50,11 @@ def test_overrides_and_experiments_change_conf():
     # keys that are null or a mapping: checked against their schema type once composed
     ("client=paper client.early_stopping.every_examples=often", "'client.early_stopping.every_examples' must be int"),
     ("client.early_stopping=3", "config key 'client.early_stopping' must be a mapping or null, got 3"),
+    ("transport.dtype=float8", "config key 'transport.dtype' has invalid value 'float8': must be one of float32, "
+                               "float16, bfloat16"),
+    ("simulation.client_gpus=-0.5", "config key 'simulation.client_gpus' has invalid value -0.5"),
+    ("simulation.ray_cpus=0", "config key 'simulation.ray_cpus' has invalid value 0"),
+    ("federation.progress_s=0", "config key 'federation.progress_s' has invalid value 0"),
 ])
 def test_bad_overrides_fail_with_a_message_naming_them(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -82,3 +87,13 @@ def test_the_default_config_resolves_to_the_yaml_files_plain_values_in_their_ord
 def test_unknown_experiment_is_named():
     with pytest.raises(ConfigError, match="experiment/nope"):
         compose_config("nope")
+
+
+def test_simulation_resources_reach_flowers_federation_config():
+    from app.run.launch import federation_config
+
+    assert federation_config(compose_config("", ""), 35) == \
+        "num-supernodes=35 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
+    packed = compose_config("", "simulation.client_gpus=0.25 simulation.client_cpus=2 simulation.ray_cpus=16")
+    assert federation_config(packed, 8) == \
+        "num-supernodes=8 client-resources-num-cpus=2 client-resources-num-gpus=0.25 init-args-num-cpus=16"

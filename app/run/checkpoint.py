@@ -28,7 +28,7 @@ from strategies.records import SCHEMA_VERSION, RecordError, RoundRecord, read_re
 # Keys a resumed run may change freely: none changes what a round computes (where clients run, how often the log
 # says how far a phase is, how many rounds to go).
 RESUMABLE_KEYS = ("resume", "resume_allow_config_change", "rounds", "federation.progress_s", "simulation.client_cpus",
-                  "simulation.client_gpus")
+                  "simulation.client_gpus", "simulation.ray_cpus")
 
 
 @dataclass

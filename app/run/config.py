@@ -94,6 +94,7 @@ RANGES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "federation.expected_nodes": _AT_LEAST_1,
     "federation.progress_s": (_POSITIVE[0], "> 0 seconds"),
     "simulation.client_cpus": _AT_LEAST_1,
+    "simulation.ray_cpus": _AT_LEAST_1,
     "simulation.client_gpus": (lambda v: v >= 0, ">= 0 (a fraction of a GPU per virtual client)"),
     **{f"federation.{k}_timeout_s": (_POSITIVE[0], "> 0 seconds") for k in ("node_wait", "discovery", "train", "eval", "run")},
     "model.name_or_path": (bool, "a name or a path, not empty"),

@@ -115,10 +115,14 @@ def check_pool(cfg: DictConfig, pool: list[dict]) -> None:
 
 
 def federation_config(cfg: DictConfig, num_nodes: int) -> str:
-    """Flower's ``--federation-config`` for a simulation: the virtual clients and what Ray reserves for each
-    (``simulation.client_cpus``, ``simulation.client_gpus``; Ray hides the GPUs from a client that reserves none)."""
-    return (f"num-supernodes={num_nodes} client-resources-num-cpus={int(cfg.simulation.client_cpus)} "
-            f"client-resources-num-gpus={float(cfg.simulation.client_gpus)}")
+    """Flower's ``--federation-config`` for a simulation: the virtual clients, what Ray reserves for each
+    (``simulation.client_cpus``, ``simulation.client_gpus``; Ray hides the GPUs from a client that reserves none)
+    and, when set, how many CPUs Ray may hand out (``simulation.ray_cpus``)."""
+    settings = (f"num-supernodes={num_nodes} client-resources-num-cpus={int(cfg.simulation.client_cpus)} "
+                f"client-resources-num-gpus={float(cfg.simulation.client_gpus)}")
+    if cfg.simulation.ray_cpus is not None:  # Ray's own view of the machine (its init arguments)
+        settings += f" init-args-num-cpus={int(cfg.simulation.ray_cpus)}"
+    return settings
 
 
 def run_simulation(overrides: list[str], experiment: str = "", output_root: Path | None = None,

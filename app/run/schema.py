@@ -178,6 +178,7 @@ class FederationConfig:
 class SimulationConfig:
     client_cpus: int = MISSING
     client_gpus: Number = MISSING
+    ray_cpus: Optional[int] = MISSING
 
 
 @dataclass
