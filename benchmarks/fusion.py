@@ -1,9 +1,10 @@
-"""Fusion operators compared on the same runs: a ``coldfusion-sweep`` over operators and seeds, then the probe gain
-of each operator's saved model over the start model (held-out and contributing, both probe poolings), mean and
-standard deviation over seeds, as a markdown table and a plot.
+"""Fusion operators (or any other setting) compared on the same runs: a ``coldfusion-sweep`` over the values and
+seeds, then the probe gain of each value's saved model over the start model (held-out and contributing, both probe
+poolings), mean and standard deviation over seeds, as a markdown table and a plot.
 
     .venv/bin/python benchmarks/fusion.py --out benchmarks/results/fusion              # every operator, 3 seeds
     .venv/bin/python benchmarks/fusion.py --out DIR --operators uniform_mean,ties --seeds 0 experiment=realdata
+    .venv/bin/python benchmarks/fusion.py --out DIR --key transport.dtype --operators float32,float16,bfloat16
     .venv/bin/python benchmarks/fusion.py --out DIR --summarise-only SWEEP_DIR [...]   # re-read finished sweeps
 
 Every operator runs with its documented default parameters (``conf/fusion/<name>.yaml``); the probe runs at the
@@ -30,8 +31,9 @@ SERIES = {"probe": "first token", "probe_mean_pool": "mean pool"}
 ROLES = {"heldout": "held-out", "contributing": "contributing"}
 
 
-def run_sweep(sweep_dir: Path, operators: list[str], seeds: list[int], overrides: list[str]) -> int:
-    command = [str(Path(sys.executable).parent / "coldfusion-sweep"), "-m", f"fusion={','.join(operators)}",
+def run_sweep(sweep_dir: Path, operators: list[str], seeds: list[int], overrides: list[str],
+              key: str = "fusion") -> int:
+    command = [str(Path(sys.executable).parent / "coldfusion-sweep"), "-m", f"{key}={','.join(operators)}",
                f"seed={','.join(map(str, seeds))}", "eval.probe.every=first_last", f"hydra.sweep.dir={sweep_dir}",
                *overrides]
     print("running:", " ".join(command[1:]), flush=True)
@@ -52,20 +54,20 @@ def gains(run_dir: Path) -> dict[str, float | None]:
     return out
 
 
-def completed_jobs(sweep_dirs: list[Path]) -> Iterator[tuple[str, dict]]:
-    """(operator, job record) of every completed job of the sweeps; the others are listed, not counted."""
+def completed_jobs(sweep_dirs: list[Path], key: str = "fusion") -> Iterator[tuple[str, dict]]:
+    """(the job's value of ``key``, job record) of every completed job of the sweeps; the others are listed."""
     for job_file in sorted(f for sweep_dir in sweep_dirs for f in sweep_dir.glob("*/job.json")):
         job = json.loads(job_file.read_text())
         if job["status"] == "completed" and job.get("run_dir"):
-            yield next(o.split("=", 1)[1] for o in job["overrides"].split() if o.startswith("fusion=")), job
+            yield next(o.split("=", 1)[1] for o in job["overrides"].split() if o.startswith(f"{key}=")), job
         else:
             print(f"job {job_file.parent} ({job['overrides']}) did not complete: {job.get('reason')}")
 
 
-def collect(sweep_dirs: list[Path]) -> dict[str, list[dict[str, float | None]]]:
-    """operator -> one gains dict per completed job (seed), over one or more sweeps."""
+def collect(sweep_dirs: list[Path], key: str = "fusion") -> dict[str, list[dict[str, float | None]]]:
+    """value (operator) -> one gains dict per completed job (seed), over one or more sweeps."""
     by_operator: dict[str, list[dict[str, float | None]]] = {}
-    for operator, job in completed_jobs(sweep_dirs):
+    for operator, job in completed_jobs(sweep_dirs, key):
         by_operator.setdefault(operator, []).append({**gains(Path(job["run_dir"])), "seconds": job["seconds"]})
     return by_operator
 
@@ -77,9 +79,9 @@ def mean_std(values: list[float | None]) -> tuple[float, float] | None:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def table(by_operator: dict[str, list[dict[str, float | None]]]) -> str:
+def table(by_operator: dict[str, list[dict[str, float | None]]], key: str = "fusion") -> str:
     columns = [f"{ROLES[r]} {SERIES[s]}" for s in SERIES for r in ROLES]
-    lines = ["| operator | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    lines = [f"| {'operator' if key == 'fusion' else key} | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     order = sorted(by_operator, key=lambda o: -(mean_std([g["probe/heldout"] for g in by_operator[o]]) or (0, 0))[0])
     for operator in order:
         cells = []
@@ -118,7 +120,8 @@ def plot(by_operator: dict[str, list[dict[str, float | None]]], path: Path) -> N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where the table, plot and run notes go")
-    parser.add_argument("--operators", default=",".join(OPERATORS), help="comma-separated operator names")
+    parser.add_argument("--key", default="fusion", help="the setting compared (default: the fusion operator)")
+    parser.add_argument("--operators", default=",".join(OPERATORS), help="comma-separated values of --key")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--summarise-only", type=Path, nargs="+", default=None,
                         help="finished sweep directories to re-read (their jobs are pooled)")
@@ -127,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dirs = args.summarise_only or [REPO / "outputs" / "benchmarks" / f"fusion-{time.strftime('%Y%m%d-%H%M%S')}"]
     if args.summarise_only is None:
         code = run_sweep(sweep_dirs[0], args.operators.split(","), [int(s) for s in args.seeds.split(",")],
-                         args.overrides)
+                         args.overrides, args.key)
         print(f"sweep exit status {code} (non-zero: some job failed; listed below)")
-    by_operator = collect(sweep_dirs)
+    by_operator = collect(sweep_dirs, args.key)
     if not by_operator:
         print(f"no completed job in {', '.join(map(str, sweep_dirs))}")
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    text = table(by_operator)
+    text = table(by_operator, args.key)
     (args.out / "operators.md").write_text(
         "Probe gain (points) of the saved model over the start model, mean ± std over seeds; rows by held-out "
         f"first-token gain.\n\n{text}\n")
