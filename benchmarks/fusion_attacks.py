@@ -5,9 +5,13 @@ operators and seeds; the held-out probe of the saved model next to the clean run
 
     .venv/bin/python benchmarks/fusion_attacks.py --out benchmarks/results/fusion          # every attack, 2 seeds
     .venv/bin/python benchmarks/fusion_attacks.py --out DIR --attacks noise --attackers 2 --seeds 0
+    .venv/bin/python benchmarks/fusion_attacks.py --out DIR --summarise-only ROOT           # re-read a finished root
 
-The clean run is the same sweep without faults. The attackers are the first contributing tasks of the default
-synthetic pool. Everything runs with the probe at the first and last round only (``eval.probe.every=first_last``).
+The clean run is the same sweep without faults. Pinning changes the sample by itself (the pinned tasks train in
+every round, each other task in fewer), so each attack also has its honest control: the same tasks pinned, no
+fault (``pinned xN``); an attack's effect is its row against that one. The attackers are the first contributing
+tasks of the default synthetic pool. Everything runs with the probe at the first and last round only
+(``eval.probe.every=first_last``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ def attackers(count: int) -> list[str]:
     return [i.name for i in synthetic_task_infos(0, 35) if i.name not in heldout][:count]
 
 
+def pinned_overrides(count: int) -> list[str]:
+    """The honest control: the attackers' tasks pinned into every round, no fault."""
+    return ["faults.enabled=true", f"faults.pinned=[{','.join(attackers(count))}]"]
+
+
 def attack_overrides(attack: str, count: int) -> list[str]:
     names = attackers(count)
     tasks = "{" + ",".join(f"{n}:{'scale' if attack == 'scale' else attack}" for n in names) + "}"
@@ -51,6 +60,31 @@ def final_heldout(sweep_dir: Path) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def target_lines(results: dict, operators: list[str], series: str = "probe", tolerance: float = 1.0) -> list[str]:
+    """The issue's target, per attack: the operators whose held-out first-token mean under attack is within
+    ``tolerance`` points of the clean run's (the default operator's, ``uniform_mean``), or above it."""
+    def seed_mean(setting: str, operator: str) -> float | None:
+        stats = mean_std(results.get(setting, {}).get(operator, {}).get(series, []))
+        return None if stats is None else stats[0]
+
+    clean = seed_mean("clean", "uniform_mean")
+    if clean is None:
+        return []
+    lines = [f"Target (held-out first token, seed means): within {tolerance:g} point of the clean `uniform_mean` "
+             f"({clean:.1f})", ""]
+    for setting in results:
+        if setting == "clean" or setting.startswith("pinned"):
+            continue
+        scores = {o: seed_mean(setting, o) for o in operators}
+        if all(v is None for v in scores.values()):
+            lines.append(f"- {setting}: n/a (no completed run)")
+            continue
+        ok = [f"`{o}` ({v - clean:+.1f})" for o, v in scores.items() if v is not None and v >= clean - tolerance]
+        lines.append(f"- {setting}: " + (", ".join(ok) if ok else "**none** of " + ", ".join(
+            f"`{o}` ({v - clean:+.1f})" for o, v in scores.items() if v is not None)))
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -58,15 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attackers", default="1,2", help="how many malicious contributors: comma-separated counts")
     parser.add_argument("--operators", default=",".join(OPERATORS))
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--summarise-only", type=Path, default=None, help="a finished root directory to re-read")
     args = parser.parse_args(argv)
-    root = REPO / "outputs" / "benchmarks" / f"fusion-attacks-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = args.summarise_only or REPO / "outputs" / "benchmarks" / f"fusion-attacks-{time.strftime('%Y%m%d-%H%M%S')}"
     operators, seeds = args.operators.split(","), [int(s) for s in args.seeds.split(",")]
-    settings = [("clean", [])] + [(f"{a} x{n}", attack_overrides(a, int(n)))
-                                  for a in args.attacks.split(",") for n in args.attackers.split(",")]
+    counts = args.attackers.split(",")
+    settings = ([("clean", [])] + [(f"pinned x{n}", pinned_overrides(int(n))) for n in counts]
+                + [(f"{a} x{n}", attack_overrides(a, int(n))) for a in args.attacks.split(",") for n in counts])
     results = {}
     for name, overrides in settings:
         sweep_dir = root / name.replace(" ", "-")
-        run_sweep(sweep_dir, operators, seeds, overrides)
+        if args.summarise_only is None:
+            run_sweep(sweep_dir, operators, seeds, overrides)
         results[name] = final_heldout(sweep_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attacks.json").write_text(json.dumps(results, indent=1))
@@ -82,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append("n/a" if stats is None else f"{stats[0]:.1f} ± {stats[1]:.1f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += target_lines(results, operators)
     (args.out / "attacks.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

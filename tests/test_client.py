@@ -79,6 +79,19 @@ def test_train_sends_exactly_the_body_and_keeps_exactly_the_head(name, tiny_cfg,
     metrics = reply.content["metrics"]
     steps = int(cfg.client.max_steps)
     assert metrics["num-examples"] == steps * int(cfg.client.batch_size) and metrics["steps"] == steps
+    # a message's fixed cost, as the reply says it: set-up within the handler, the process's age before it
+    assert 0 < metrics["setup-s"] < 60 and metrics["process-age-s"] > 0
+
+
+def test_process_age_agrees_with_psutil():
+    import time
+
+    import psutil
+
+    from app.site.contributor import process_age
+
+    now = time.time()  # psutil's create_time rests on /proc/stat's btime, whole seconds: up to 1 s off
+    assert process_age(now) == pytest.approx(now - psutil.Process().create_time(), abs=1.5)
 
 
 def test_a_kept_head_is_exactly_the_head_stored_after_the_previous_round(tiny_cfg, tiny_path, pool, node):

@@ -34,6 +34,7 @@ class TrainStats:
     stopped_early: bool = False
     best_dev: float | None = None  # primary dev score of the weights kept (early stopping only)
     dev_curve: list[tuple[int, float]] = field(default_factory=list)  # (examples seen, dev score)
+    first_batch_at: float | None = None  # time.time() when the first batch was ready to train on
 
 
 class EarlyStopping:
@@ -126,7 +127,7 @@ def finetune(model, train_set, tokenizer, recipe: Mapping[str, Any], seed: int, 
     torch.manual_seed(seed)  # dropout masks
     loss_sum = 0.0
     batches = ((model, batch) for batch in itertools.islice(endless(loader), total))  # the step budget
-    for batch, loss in train_steps(batches, optimizer, device):
+    for batch, loss in train_steps(_stamp_first(batches, stats), optimizer, device):
         stats.steps += 1
         stats.examples += batch["labels"].shape[0]
         loss_sum += loss.item()
@@ -147,6 +148,14 @@ def finetune(model, train_set, tokenizer, recipe: Mapping[str, Any], seed: int, 
     stats.loss = loss_sum / max(stats.steps, 1)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _stamp_first(items: Iterator[Any], stats: TrainStats) -> Iterator[Any]:
+    """``items``, noting in ``stats`` when the first one was ready (the start of training, data loading done)."""
+    for item in items:
+        if stats.first_batch_at is None:
+            stats.first_batch_at = time.time()
+        yield item
 
 
 @torch.inference_mode()

@@ -9,6 +9,8 @@ Which task? In deployment the node config names it (``task=...`` and, for a loca
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from logging import WARNING
@@ -130,6 +132,7 @@ class Contribution:
 def contribute(config: Mapping[str, Any], received: dict[str, torch.Tensor], node_config: Mapping[str, Any],
                run_state: MutableMapping[str, Any], run_id: int) -> Contribution:
     """Load the received body, attach this task's own head, finetune both, and return the body."""
+    arrived = time.time()  # the handler's start; in a deployment the process is new, so see process_age()
     recipe = json.loads(str(config["recipe"]))
     info, path, tokenizer, data = _prepare(config, int(recipe["max_length"]))
     server_round, seed = int(config["server-round"]), int(config["seed"])
@@ -155,12 +158,16 @@ def contribute(config: Mapping[str, Any], received: dict[str, torch.Tensor], nod
                      device, dev_set, info.is_regression)
     if keep_head:
         heads.save(head_state(model))
+    # A message's fixed cost: the process's age when the handler started (imports; in a deployment every message
+    # is a new process) and the handler's own set-up (model, head, data) until the first batch was ready.
+    age, setup = round(process_age(arrived), 3), round((stats.first_batch_at or time.time()) - arrived, 3)
     if heads.site is not None:
         heads.site.log_contribution(run_id=run_id, round=server_round, task=info.name, train_loss=stats.loss,
                                     examples=stats.examples, steps=stats.steps, seconds=round(stats.seconds, 3),
-                                    head=head_origin, device=str(device))
+                                    head=head_origin, device=str(device), process_age_s=age, setup_s=setup)
     metrics = {"train-loss": stats.loss, "num-examples": stats.examples, "steps": stats.steps,
-               "stopped-early": int(stats.stopped_early), "seconds": stats.seconds, "server-round": server_round}
+               "stopped-early": int(stats.stopped_early), "seconds": stats.seconds, "server-round": server_round,
+               "process-age-s": age, "setup-s": setup}
     if keep_head:  # 1: the head of an earlier round was found; 0: a fresh one (first contribution, or lost)
         metrics["head-kept"] = int(head_origin == "loaded")
     body = corrupt_body(fault, body_state(model), received, faults, server_round) if fault else body_state(model)
@@ -184,6 +191,16 @@ def score_body(config: Mapping[str, Any], body: dict[str, torch.Tensor],
         scores = VIEW_FUNCTIONS[view](model, info, tokenizer, data, settings, recipe, seed, device, few_shot)
         metrics.update({f"{view}.{name}": float(value) for name, value in scores.items()})
     return metrics
+
+
+def process_age(now: float) -> float:
+    """Seconds this process had been running at ``now`` (Linux ``/proc``; 0 where that cannot be read)."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: start, clock ticks
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK") - (time.time() - now))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def split_seed(seed: int, task: str) -> int:
