@@ -60,29 +60,36 @@ def final_heldout(sweep_dir: Path) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def target_lines(results: dict, operators: list[str], series: str = "probe", tolerance: float = 1.0) -> list[str]:
-    """The issue's target, per attack: the operators whose held-out first-token mean under attack is within
-    ``tolerance`` points of the clean run's (the default operator's, ``uniform_mean``), or above it."""
-    def seed_mean(setting: str, operator: str) -> float | None:
+def target_lines(results: dict, operators: list[str], tolerance: float = 1.0) -> list[str]:
+    """The issue's target, per attack and series: the operators whose held-out mean under attack (seed means) is
+    within ``tolerance`` points of the clean run's (the default operator's, ``uniform_mean``) or above it; and each
+    operator's change against its own honest control (the same tasks pinned, no fault), where that ran."""
+    def seed_mean(setting: str, operator: str, series: str) -> float | None:
         stats = mean_std(results.get(setting, {}).get(operator, {}).get(series, []))
         return None if stats is None else stats[0]
 
-    clean = seed_mean("clean", "uniform_mean")
-    if clean is None:
-        return []
-    lines = [f"Target (held-out first token, seed means): within {tolerance:g} point of the clean `uniform_mean` "
-             f"({clean:.1f})", ""]
-    for setting in results:
-        if setting == "clean" or setting.startswith("pinned"):
+    lines = []
+    for series, label in SERIES.items():
+        clean = seed_mean("clean", "uniform_mean", series)
+        if clean is None:
             continue
-        scores = {o: seed_mean(setting, o) for o in operators}
-        if all(v is None for v in scores.values()):
-            lines.append(f"- {setting}: n/a (no completed run)")
-            continue
-        ok = [f"`{o}` ({v - clean:+.1f})" for o, v in scores.items() if v is not None and v >= clean - tolerance]
-        lines.append(f"- {setting}: " + (", ".join(ok) if ok else "**none** of " + ", ".join(
-            f"`{o}` ({v - clean:+.1f})" for o, v in scores.items() if v is not None)))
-    return lines + [""]
+        lines += [f"Held-out {label}: operators within {tolerance:g} point of the clean `uniform_mean` ({clean:.1f}); "
+                  "in brackets, each operator against its honest control (pinned, no fault)", ""]
+        for setting in results:
+            if setting == "clean" or setting.startswith("pinned"):
+                continue
+            control = f"pinned {setting.split()[-1]}"
+            scores = {o: seed_mean(setting, o, series) for o in operators}
+            if all(v is None for v in scores.values()):
+                lines.append(f"- {setting}: n/a (no completed run)")
+                continue
+            ok = [f"`{o}`" for o, v in scores.items() if v is not None and v >= clean - tolerance]
+            versus = [f"`{o}` {v - c:+.1f}" for o, v in scores.items()
+                      if v is not None and (c := seed_mean(control, o, series)) is not None]
+            lines.append(f"- {setting}: {', '.join(ok) if ok else '**none**'}"
+                         + (f" (against the control: {', '.join(versus)})" if versus else ""))
+        lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

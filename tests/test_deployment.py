@@ -170,10 +170,11 @@ def test_only_body_and_metrics_leave_a_site(tiny_cfg, tiny_path, site):
     # (120 train examples in batches of 32, 5 steps: 32 + 32 + 32 + 24, then 32 of the second epoch)
     metrics = dict(trained.content["metrics"])
     assert set(metrics) == {"train-loss", "num-examples", "steps", "stopped-early", "seconds", "server-round",
-                            "head-kept"}, sorted(metrics)
+                            "head-kept", "process-age-s", "setup-s"}, sorted(metrics)  # timings: the message's cost
     assert metrics["num-examples"] == 152 and metrics["steps"] == int(tiny_cfg.client.max_steps) == 5
     assert metrics["server-round"] == 1 and metrics["head-kept"] == 0 and metrics["stopped-early"] == 0
     assert 0 < metrics["train-loss"] < 10 and metrics["seconds"] >= 0
+    assert metrics["setup-s"] >= 0 and metrics["process-age-s"] >= 0
     scores = dict(evaluated.content["metrics"])
     assert scores["num-examples"] == 60  # the site's 60 test examples
     assert all(k.startswith("probe.") for k in set(scores) - {"num-examples"}) and "probe.accuracy" in scores
