@@ -13,9 +13,16 @@ aggregation started, in bodies:
 
 * Flower's path starts once every reply is in memory (``grid.send_and_receive`` returns them all at once);
 * the streaming path starts before the first reply, and each reply is made only when the loop asks for it, as
-  ``pull_messages`` would hand it over: what it holds is the base, the accumulator and the reply in hand. The
+  ``pull_messages`` would hand it over: what it holds is the base, the accumulator and the reply in hand.
+  ``coldfusion`` takes the replies in the order they were pushed (the fold's order); ``coldfusion_reversed`` in
+  the reverse, the worst case, where every reply but the last arrives ahead of its turn and waits on disk. The
   rounds are steady-state ones (the last fused round's norms are known, so the norm rule can judge each reply as
   it comes); in a run's first round the rule must wait for peers, and the first replies wait on disk.
+
+The resident set also counts memory the C allocator has freed but kept for reuse (glibc serves blocks up to 32 MB
+from its heap once larger ones have been freed), which is noise of tens of percent here. So each (case, method)
+also runs once with ``MALLOC_MMAP_THRESHOLD_=131072``, where every large block is returned when freed: its peak
+is the memory really live at once ("live peak"). Its time is not used (every allocation then faults its pages).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ LAYOUTS = {  # (vocab, hidden, layers, ffn): BERT/RoBERTa encoder bodies
     "minilm": (30522, 384, 6, 1536),
     "roberta": (50265, 768, 12, 3072),
 }
-METHODS = ("memcpy", "flower_fedavg", "coldfusion")
+METHODS = ("memcpy", "flower_fedavg", "coldfusion", "coldfusion_reversed")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -149,10 +156,12 @@ def run_one(method: str, model: str, k: int) -> dict:
             t0 = time.perf_counter()
             intake = strategy._open_intake(1)
             seconds += time.perf_counter() - t0
+            if method == "coldfusion_reversed":  # the worst arrival order: all but the last wait on disk
+                messages.reverse()
             for i, message in enumerate(messages):
                 incoming = reply(message, contribution(base, i), message.metadata.dst_node_id)  # as pulled
                 t0 = time.perf_counter()
-                strategy._take_train_reply(incoming, intake)
+                strategy._take_train_reply(incoming, intake, consume=True)
                 del incoming
                 seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -161,6 +170,13 @@ def run_one(method: str, model: str, k: int) -> dict:
         assert fused is not None and len(strategy._record.fused_contributors) == k, strategy._record.rejections
     return {"method": method, "model": model, "k": k, "seconds": seconds, "peak_bytes": peak.peak - peak.start,
             "body_bytes": body_bytes}
+
+
+def one(method: str, model: str, k: str, env: dict[str, str] | None = None) -> dict:
+    """``run_one`` in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--one", method, model, k], capture_output=True, text=True,
+                         check=True, env={**os.environ, **(env or {}), "PYTHONPATH": str(Path(__file__).parents[1])})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,22 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases.split(","):
         model, k = case.split(":")
         for method in METHODS:
-            runs = []
-            for _ in range(args.repeats):
-                out = subprocess.run([sys.executable, __file__, "--one", method, model, k], capture_output=True,
-                                     text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs = [one(method, model, k) for _ in range(args.repeats)]
+            live = one(method, model, k, {"MALLOC_MMAP_THRESHOLD_": "131072"})
             row = {"model": model, "k": int(k), "method": method,
                    "seconds": statistics.median(r["seconds"] for r in runs),
                    "peak_bodies": statistics.median(r["peak_bytes"] / r["body_bytes"] for r in runs),
+                   "live_peak_bodies": live["peak_bytes"] / live["body_bytes"],
                    "body_mb": runs[0]["body_bytes"] / 1e6}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    lines = ["| K, body | method | seconds (median) | GB/s of replies | peak above start, in bodies |", "|---|---|---|---|---|"]
+    lines = ["| K, body | method | seconds (median) | GB/s of replies | peak above start, in bodies (RSS) "
+             "| live peak, in bodies |", "|---|---|---|---|---|---|"]
     for row in rows:
         rate = row["k"] * row["body_mb"] / 1e3 / row["seconds"]
         lines.append(f"| {row['k']}, {row['model']} ({row['body_mb']:.0f} MB) | {row['method']} | {row['seconds']:.3f} "
-                     f"| {rate:.2f} | {row['peak_bodies']:.1f} |")
+                     f"| {rate:.2f} | {row['peak_bodies']:.1f} | {row['live_peak_bodies']:.1f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

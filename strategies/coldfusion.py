@@ -21,14 +21,7 @@ from logging import INFO, WARNING
 from statistics import mean
 from typing import Any
 
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -153,7 +146,8 @@ class ColdFusion(FedAvg):
         self._base, self._chosen, self._answered = arrays, chosen, set()
         self._record = RoundRecord(server_round, contributors=[self.nodes[n].label for n in chosen])
         log(INFO, "Round %d contributors: %s", server_round, ", ".join(self._record.contributors))
-        messages = self._messages(chosen, self._wire(arrays), config, server_round, MessageType.TRAIN)
+        in_turn = sorted(chosen, key=lambda n: (self.nodes[n].label, n))  # the fold's order: fewer wait on disk
+        messages = self._messages(in_turn, self._wire(arrays), config, server_round, MessageType.TRAIN)
         self._record.bytes_train_sent = sum(array_bytes(m.content) for m in messages)
         return messages
 
@@ -170,7 +164,7 @@ class ColdFusion(FedAvg):
                     f"({len(record.failures) + intake.rejected()} failed or rejected, "
                     f"{intake.waiting()} waiting on disk), {pending} pending, {elapsed:.0f}s")
 
-        exchange(grid, messages, timeout, lambda reply: self._take_train_reply(reply, intake), progress,
+        exchange(grid, messages, timeout, lambda reply: self._take_train_reply(reply, intake, consume=True), progress,
                  progress_s=self.progress_s, poll_s=self.poll_s)
         return self._close_round(server_round, intake)
 
@@ -190,9 +184,10 @@ class ColdFusion(FedAvg):
         expected = [(self.nodes[n].label, n) for n in self._chosen]
         return RoundIntake(self.fusion.start(base, server_round), base, server_round, expected, rule)
 
-    def _take_train_reply(self, reply: Message, intake: RoundIntake) -> None:
+    def _take_train_reply(self, reply: Message, intake: RoundIntake, consume: bool = False) -> None:
         """Nothing in a reply can stop the server: a reply from an unknown node, an error, a malformed reply
-        (``strategies.replies``) or a contribution failing validation is recorded with its reason."""
+        (``strategies.replies``) or a contribution failing validation is recorded with its reason. ``consume``: a
+        reply pulled for this call alone, emptied as it is read."""
         record = self._record
         node = self.nodes.get(reply.metadata.src_node_id)
         if node is None:
@@ -206,7 +201,7 @@ class ColdFusion(FedAvg):
             intake.missing(node.label)
             return
         try:
-            parsed = read_train_reply(reply)
+            parsed = read_train_reply(reply, consume=consume)
             body = received_body(parsed.body, intake.base, self.transport)
         except (MalformedReply, TransportError) as exc:
             record.failures.append(f"{node.label}: malformed reply: {first_line(str(exc))}")
@@ -329,11 +324,9 @@ class ColdFusion(FedAvg):
         Flower's ``Strategy.start`` evaluates clients only after training rounds and always runs rounds
         1..N; the paper's curves start at iteration 0, and a resumed run continues at ``first_round``
         from ``initial_arrays`` with the ``history`` of round records written so far, from which
-        the strategy takes back its decision state: the back-tracking reference, the base's round and the
-        validation's reference norms, exactly as an uninterrupted run holds them. ``timeout`` is the
-        per-phase default for the discovery, train and eval timeouts not given to the constructor. Every
-        finished round goes to ``on_round`` at once.
-        """
+        the strategy takes back its decision state (back-tracking reference, base round, reference norms) exactly
+        as an uninterrupted run holds it. ``timeout``: the default of every phase's timeout not given to the
+        constructor. Every finished round goes to ``on_round`` at once."""
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         timeouts = {phase: float(t if t is not None else timeout) for phase, t in self.timeouts.items()}
@@ -356,23 +349,7 @@ class ColdFusion(FedAvg):
                     result.train_metrics_clientapp[server_round] = train_metrics
             record = self._record
             record.seconds_train = time.perf_counter() - t0
-            record.roles = {n.name: n.role for n in sorted(self.nodes.values(), key=lambda n: n.label)}
-            record.regression = sorted({n.name for n in self.nodes.values() if n.info.is_regression})
-            record.few_shot = self.few_shot
-            self._views = [v for v in VIEWS if due(self.eval_schedule.get(v), server_round, num_rounds)
-                           and (server_round > 0 or self.eval_start or num_rounds == 0)]
-            if self._views:
-                t1 = time.perf_counter()
-                replies: list[Message] = []
-                exchange(grid, self.configure_evaluate(server_round, arrays, evaluate_config, grid),
-                         timeouts["eval"], replies.append,
-                         lambda pending, elapsed: (f"Round {server_round} evaluation: {len(replies)}/{len(self._asked)} "
-                                                   f"replied, {pending} pending, {elapsed:.0f}s"),
-                         progress_s=self.progress_s, poll_s=self.poll_s)
-                eval_metrics = self.aggregate_evaluate(server_round, replies)
-                if eval_metrics is not None:
-                    result.evaluate_metrics_clientapp[server_round] = eval_metrics
-                record.seconds_eval = time.perf_counter() - t1
+            self.evaluate_round(grid, server_round, arrays, evaluate_config, timeouts["eval"], num_rounds, result)
             score = getattr(record, f"probe_{self.backtrack_monitor}")
             if self._should_roll_back(record, last_score, score):
                 arrays, base_round = previous, previous_base_round
@@ -390,6 +367,29 @@ class ColdFusion(FedAvg):
                 self.on_round(record, arrays)
         result.arrays = arrays
         return result
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, evaluate_config: ConfigRecord,
+                       timeout: float, num_rounds: int, result: Result) -> None:
+        """Score ``arrays`` in the views due in ``server_round`` (``strategies.schedule``) on every node they go to,
+        into the round's record (with the roles it is read by) and ``result``."""
+        record = self._record
+        record.roles = {n.name: n.role for n in sorted(self.nodes.values(), key=lambda n: n.label)}
+        record.regression = sorted({n.name for n in self.nodes.values() if n.info.is_regression})
+        record.few_shot = self.few_shot
+        self._views = [v for v in VIEWS if due(self.eval_schedule.get(v), server_round, num_rounds)
+                       and (server_round > 0 or self.eval_start or num_rounds == 0)]
+        if not self._views:
+            return
+        t0 = time.perf_counter()
+        replies: list[Message] = []
+        exchange(grid, self.configure_evaluate(server_round, arrays, evaluate_config, grid), timeout, replies.append,
+                 lambda pending, elapsed: (f"Round {server_round} evaluation: {len(replies)}/{len(self._asked)} "
+                                           f"replied, {pending} pending, {elapsed:.0f}s"),
+                 progress_s=self.progress_s, poll_s=self.poll_s)
+        eval_metrics = self.aggregate_evaluate(server_round, replies)
+        if eval_metrics is not None:
+            result.evaluate_metrics_clientapp[server_round] = eval_metrics
+        record.seconds_eval = time.perf_counter() - t0
 
     def _should_roll_back(self, record: RoundRecord, before: float | None, after: float | None) -> bool:
         return (self.backtrack_threshold is not None and record.fused and before is not None

@@ -10,7 +10,10 @@ Versions (``schema`` in every record; records without it are version 1):
 * 2: adds ``schema``, the array bytes sent and received per phase (``bytes_*``; None for version 1), ``fusion`` (the operator and parameters that fused the round; ``uniform_mean`` for
   version 1), ``base_round`` (the round whose fusion produced the base in effect, derived for version 1
   from ``fused`` and ``rolled_back``) and ``regression`` (the tasks scored by Pearson r, derived for version 1
-  from the metric names in ``scores``).
+  from the metric names in ``scores``);
+* 3: adds the asynchronous mode's fields (``mode``; ``staleness``, ``jobs`` and ``dispatched``, empty or 0 in a
+  synchronous run and in older files). In an asynchronous run a record is one base **version**: ``round`` is
+  the version's number.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from tasks.metrics import PRIMARY_METRICS, primary
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROLES = ("contributing", "heldout")  # "seen" and "unseen" in the paper's words
 
 # Score series of a record: field -> (the evaluation view it comes from, the prefix of its metrics in that
@@ -79,6 +82,13 @@ class RoundRecord:
     bytes_eval_received: int | None = 0
     seconds_train: float = 0.0
     seconds_eval: float = 0.0
+    # mode=async (strategies.asynchronous): a record per base version. Each fused contribution's staleness (versions
+    # fused between the base it trained on and this one) and its job (a number unique in the run: the order in
+    # which work was sent); the jobs sent so far in the run.
+    mode: str = "sync"
+    staleness: dict[str, int] = field(default_factory=dict)
+    jobs: dict[str, int] = field(default_factory=dict)
+    dispatched: int = 0
 
     def summarise_scores(self, regression: set[str]) -> dict[str, float]:
         """From ``scores``: each series' primary score per task and its mean per role (regression tasks left out

@@ -78,8 +78,10 @@ def _text(record: ConfigRecord, key: str, where: str, *, required: bool = True) 
     return value
 
 
-def read_train_reply(msg: Message) -> TrainReply:
-    """The body and statistics of a train reply. A non-finite loss is malformed too: it says training diverged."""
+def read_train_reply(msg: Message, *, consume: bool = False) -> TrainReply:
+    """The body and statistics of a train reply. A non-finite loss is malformed too: it says training diverged.
+    ``consume``: the reply is the caller's own (just pulled), so each array's bytes are freed as it is decoded
+    and the reply and its body are never both in memory."""
     arrays = _record(msg, "arrays", ArrayRecord)
     metrics = _record(msg, "metrics", MetricRecord)
     loss = float(_number(metrics, "train-loss", "metrics"))
@@ -91,7 +93,7 @@ def read_train_reply(msg: Message) -> TrainReply:
     server_round = int(_number(metrics, "server-round", "metrics", integer=True))
     head_kept = bool(_number(metrics, "head-kept", "metrics", integer=True)) if "head-kept" in metrics else None
     try:
-        body = arrays.to_torch_state_dict()
+        body = arrays.to_torch_state_dict(keep_input=not consume)
     except Exception as exc:  # noqa: BLE001 - whatever the arrays hold, the reason goes into the record
         raise MalformedReply(f"'arrays' cannot be decoded: {type(exc).__name__}: {exc}") from None
     return TrainReply(body, loss, examples, server_round, head_kept)

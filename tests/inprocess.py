@@ -6,6 +6,7 @@ tests/test_simulation.py.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 from flwr.app import Context, Message, RecordDict
@@ -63,10 +64,11 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """The next reply to arrive, if it is one of those asked for: a strategy pulling one id at a time sees the
-        replies in arrival order."""
+        replies in arrival order. The strategy gets a copy, as from a real Grid (a message deserialised for it), so
+        the one kept in ``replies`` for the test stays whole when the strategy consumes what it pulled."""
         if self._arrived and self._arrived[0].metadata.reply_to_message_id in set(message_ids):
-            self.pulled.append(self._arrived[0])
-            return [self._arrived.pop(0)]
+            self.pulled.append(self._arrived.pop(0))
+            return [copy.deepcopy(self.pulled[-1])]
         return []
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:

@@ -82,6 +82,18 @@ def backtrack_lines(config: Mapping[str, Any], records: Sequence[RoundRecord]) -
     return lines
 
 
+def async_lines(config: Mapping[str, Any], records: Sequence[RoundRecord]) -> list[str]:
+    """For an asynchronous run: what a round means here (a base version), and the staleness of what was fused."""
+    if not any(r.mode == "async" for r in records):
+        return []
+    stale = [s for r in records for s in r.staleness.values()]
+    rejected = sum(1 for r in records for line in r.rejections if "max_staleness" in line)
+    return [f"Mode: asynchronous (rounds are base versions): {_settings(cfg_get(config, 'asynchronous') or {})}",
+            (f"Staleness of the fused contributions: mean {sum(stale) / len(stale):.2f}, max {max(stale)} "
+             f"versions; {rejected} rejected as too stale; {records[-1].dispatched} jobs sent") if stale
+            else "Staleness: no contribution fused yet"]
+
+
 def pool_lines(roles: Mapping[str, str], regression: set[str], missing: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = [] if roles else ["Task roles (seen/unseen) are not recorded in metrics.jsonl"]
     for role, word in ROLES.items() if roles else ():
@@ -100,6 +112,8 @@ def round_table(records: Sequence[RoundRecord]) -> str:
     rows = []
     for r in records:
         notes = ["start"] if r.round == 0 else []
+        if r.staleness:
+            notes.append(f"staleness {','.join(str(r.staleness[c]) for c in r.fused_contributors)}")
         if r.round and not r.fused:
             notes.append("not fused")
         if r.rolled_back:
@@ -145,9 +159,12 @@ def report_markdown(run: Run, baselines: Mapping[str, Run], plots: Sequence[str]
     kind = cfg_get(config, "model.kind")
     facts = [
         f"Model: {model}" + (f" (kind: {kind})" if kind is not None else ""),
-        (f"Rounds: {records[-1].round} done (configured: {cfg_get(config, 'rounds', 'unknown')}), "
-         f"{cfg_get(config, 'contributors_per_round', 'unknown')} contributors per round, "
-         f"seed {cfg_get(config, 'seed', 'unknown')}"),
+        (f"{'Versions' if records[-1].mode == 'async' else 'Rounds'}: {records[-1].round} done (configured: "
+         f"{cfg_get(config, 'rounds', 'unknown')}), "
+         + (f"{cfg_get(config, 'contributors_per_round', 'unknown')} contributors per round, "
+            if records[-1].mode != "async" else "")
+         + f"seed {cfg_get(config, 'seed', 'unknown')}"),
+        *async_lines(config, records),
         f"Contributor recipe: {recipe_text(cfg_get(config, 'client'))}",
         f"Fusion: {fusion_text(records)}",
         *(f"Evaluation {line}" for line in eval_text(cfg_get(config, "eval"))),

@@ -119,6 +119,9 @@ RANGES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "validation.min_peers": _AT_LEAST_1,
     "validation.min_reference_norm": _POSITIVE,
     "backtrack.threshold": _POSITIVE,
+    "asynchronous.concurrency": _AT_LEAST_1,
+    "asynchronous.buffer_size": _AT_LEAST_1,
+    "asynchronous.max_staleness": (lambda v: v >= 0, ">= 0 versions, or null"),
     "resume": (lambda v: Path(v).is_dir(), "an existing run directory"),
     "tasks.kind": (lambda v: v in ("synthetic", "catalog"), "'synthetic' or 'catalog'"),
 }
@@ -157,6 +160,12 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.backtrack.threshold is not None and cfg.eval.probe.every != 1:
         raise ConfigError(f"config key 'backtrack.threshold' needs the probe every round (eval.probe.every=1), got "
                           f"eval.probe.every={cfg.eval.probe.every!r}: a round without a probe could not be rolled back")
+    if cfg.mode == "async" and cfg.backtrack.threshold is not None:
+        raise ConfigError(f"config key 'backtrack.threshold' must be null with mode=async, got "
+                          f"{cfg.backtrack.threshold!r}: back-tracking rolls back synchronous rounds, and an "
+                          "asynchronous version has contributions in flight on it")
+    if any(not factor >= 1 for factor in (cfg.faults.slow or {}).values()):
+        raise _invalid("faults.slow", dict(cfg.faults.slow), "{task name: factor >= 1}")
     try:  # the operator checks its own parameters, naming the key (fusion.<parameter>)
         build_operator(OmegaConf.to_container(cfg.fusion, resolve=True))
     except FusionError as exc:

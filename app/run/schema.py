@@ -161,6 +161,24 @@ class FaultsConfig:
     scale: Number = MISSING
     seed: int = MISSING
     pinned: Optional[List[str]] = MISSING
+    slow: Any = MISSING  # null or {task name: factor} (TYPED_AFTER)
+
+
+# strategies/coldfusion.py (sync) | strategies/asynchronous.py (async; a keyword, hence the functional form)
+Mode = Choice("Mode", {"sync": "sync", "async": "async"})
+
+
+class StalenessWeight(Choice):  # strategies.asynchronous.staleness_weight
+    inverse_sqrt = "inverse_sqrt"
+    constant = "constant"
+
+
+@dataclass
+class AsynchronousConfig:
+    concurrency: int = MISSING
+    buffer_size: int = MISSING
+    max_staleness: Optional[int] = MISSING
+    staleness_weight: StalenessWeight = MISSING
 
 
 @dataclass
@@ -192,9 +210,11 @@ class RunConfig:
     fusion: Dict[str, Any] = MISSING  # {operator: name, **its parameters}: strategies.fusion.build_operator checks it
     seed: int = MISSING
     rounds: int = MISSING
+    mode: Mode = MISSING  # type: ignore[valid-type]
     contributors_per_round: Union[int, str] = MISSING  # k >= 1 or 'all' (validate_config)
     min_contributions: int = MISSING
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    asynchronous: AsynchronousConfig = field(default_factory=AsynchronousConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     backtrack: BacktrackConfig = field(default_factory=BacktrackConfig)
     resume: Optional[str] = MISSING
@@ -206,7 +226,8 @@ class RunConfig:
 
 # Keys typed Any above, and the type their value has when it is not null.
 TYPED_AFTER: Dict[str, Any] = {"client.early_stopping": EarlyStopping, "eval.finetune.early_stopping": EarlyStopping,
-                               "faults.tasks": Dict[str, Fault]}  # type: ignore[valid-type]
+                               "faults.tasks": Dict[str, Fault],  # type: ignore[valid-type]
+                               "faults.slow": Dict[str, float]}
 
 
 def schema_type(key: str) -> Any:

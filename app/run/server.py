@@ -24,6 +24,7 @@ from app.report import render_table, write_model_card, write_report
 from app.run.checkpoint import resume_checkpoint, save_checkpoint
 from app.run.config import to_container
 from app.run.outputs import RunOutputs, read_round_records
+from strategies.asynchronous import AsyncColdFusion
 from strategies.coldfusion import ColdFusion
 from strategies.fusion import build_operator
 from strategies.records import RoundRecord
@@ -32,8 +33,18 @@ from tasks.registry import PoolResolution, resolve_pool
 
 
 def build_strategy(cfg: DictConfig, pool: PoolResolution, model_spec: str) -> ColdFusion:
-    """The ColD Fusion strategy with every setting from ``cfg``."""
-    return ColdFusion(
+    """The ColD Fusion strategy with every setting from ``cfg``: rounds (``mode=sync``) or asynchronous versions."""
+    if cfg.mode == "async":
+        settings = cfg.asynchronous
+        return AsyncColdFusion(concurrency=int(settings.concurrency), buffer_size=int(settings.buffer_size),
+                               max_staleness=settings.max_staleness, staleness_rule=str(settings.staleness_weight),
+                               **strategy_settings(cfg, pool, model_spec))
+    return ColdFusion(**strategy_settings(cfg, pool, model_spec))
+
+
+def strategy_settings(cfg: DictConfig, pool: PoolResolution, model_spec: str) -> dict[str, Any]:
+    """The settings both modes share."""
+    return dict(
         pool=pool.entries,
         contributors_per_round=None if cfg.contributors_per_round == "all" else int(cfg.contributors_per_round),
         min_contributions=int(cfg.min_contributions),

@@ -35,7 +35,7 @@ from app.learning.model import (
 )
 from app.learning.recipe import finetune
 from app.learning.views import VIEW_FUNCTIONS
-from app.site.faults import before_training, corrupt_body, fault_for
+from app.site.faults import before_training, corrupt_body, fault_for, straggle
 from app.site.state import SiteState
 from strategies.transport import decode, encode, sends_updates
 from tasks.registry import entry_key, load_task_cached
@@ -171,8 +171,11 @@ def contribute(config: Mapping[str, Any], received: dict[str, torch.Tensor], nod
     if keep_head:  # 1: the head of an earlier round was found; 0: a fresh one (first contribution, or lost)
         metrics["head-kept"] = int(head_origin == "loaded")
     body = corrupt_body(fault, body_state(model), received, faults, server_round) if fault else body_state(model)
-    if sends_updates(transport):  # half-precision transport: the update against what was received, not the body
+    # The update against the base as received, not the body: at half-precision transport (smaller numbers lose
+    # less), and in mode=async, where the server applies it to a newer base.
+    if sends_updates(transport) or config.get("send-update"):
         body = encode({k: v - received[k] if v.is_floating_point() else v for k, v in body.items()}, transport)
+    straggle(faults, info.name, node_config, time.time() - arrived)  # testing aid: a slow site, by waiting
     return Contribution(body, metrics, fault)
 
 

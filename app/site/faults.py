@@ -19,6 +19,10 @@ to train:
   (``faults.seed``, round), so every node with this fault in a round sends the same crafted direction (colluders);
 * ``malformed``: a reply whose records are wrong, in turn by round: no ``metrics`` record; ``arrays`` that
   is not an ArrayRecord; ``train-loss`` missing and ``num-examples`` of the wrong type.
+
+Separately, ``faults.slow`` ({task: factor}) makes a site a **straggler**: it answers every training message
+``factor`` times later than it could, by waiting after its work (not by computing), so slow sites can be shown
+on one machine (the asynchronous mode's benchmark). The same opt-in applies.
 """
 
 from __future__ import annotations
@@ -58,6 +62,20 @@ def fault_for(faults: Mapping[str, Any], task: str, node_config: Mapping[str, An
                                f"the node has not opted in: set node config allow-faults=true (or {ALLOW_ENV}=1) "
                                "only on a test site")
     return fault
+
+
+def straggle(faults: Mapping[str, Any], task: str, node_config: Mapping[str, Any], elapsed: float) -> float:
+    """For a task in ``faults.slow``: wait ``(factor - 1) * elapsed`` seconds (the message's work took ``elapsed``),
+    so the reply comes ``factor`` times later. Returns the seconds waited; FaultsNotAllowed without the opt-in."""
+    factor = (faults.get("slow") or {}).get(task) if faults.get("enabled") else None
+    if factor is None or factor <= 1:
+        return 0.0
+    if not allows_faults(node_config):
+        raise FaultsNotAllowed(f"the server asked this node to be {factor}x slower (faults.slow), but the node has not "
+                               f"opted in: set node config allow-faults=true (or {ALLOW_ENV}=1) only on a test site")
+    wait = (float(factor) - 1.0) * elapsed
+    time.sleep(wait)
+    return wait
 
 
 def before_training(fault: str | None, settings: Mapping[str, Any]) -> None:

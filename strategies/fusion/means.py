@@ -22,7 +22,9 @@ class WeightedSum(Accumulator):
     def _fold(self, body: StateDict, label: str, examples: int, weight: float) -> None:
         w = weight * examples if self.by_examples else weight
         for key in self.floating:
-            value = self.update(body, key) if self.of_updates else body[key].to(torch.float64)
+            # A float32 body adds into the float64 sum as is (torch computes in float64: the same bits as a float64
+            # copy, without making one).
+            value = self.update(body, key) if self.of_updates else body[key]
             self.sums[key].add_(value, alpha=w)
         self.total_weight += w
 
