@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,7 +23,7 @@ from app.site.faults import FaultsNotAllowed, straggle
 from strategies.asynchronous import AsyncColdFusion, rebased, staleness_weight
 from tests.conftest import model_json
 from tests.inprocess import InProcessGrid
-from tests.test_reliability import _wait_for_checkpoint
+from tests.test_reliability import launch_and_kill_after
 
 
 def _run(cfg, pool, tiny_path, versions=3, **kwargs):
@@ -143,16 +140,7 @@ def test_a_killed_async_run_resumes_without_counting_any_contribution_twice(tmp_
     settings = [*ASYNC, "rounds=6", "asynchronous.buffer_size=2", "client.head_policy=reinit",
                 "eval.probe.every=first_last"]
     out = tmp_path / "interrupted"
-    log = tmp_path / "launcher.log"
-    with open(log, "w") as sink:
-        launcher = subprocess.Popen([sys.executable, "-m", "app.run.launch", "--output-dir", str(out), *settings],
-                                    stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        run_dir = _wait_for_checkpoint(out, launcher, at_least=2)
-        assert run_dir is not None, f"the run ended before version 2: {log.read_text()[-3000:]}"
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait()
+    run_dir = launch_and_kill_after(out, settings, at_least=2)
     interrupted_at = load_latest_checkpoint(run_dir).round
     assert 2 <= interrupted_at < 6, f"killed too late: {interrupted_at} versions were complete"
     status, resumed = run_simulation([*settings, f"resume={run_dir}"], output_root=out)

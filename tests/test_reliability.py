@@ -64,19 +64,7 @@ def test_a_killed_run_resumes_to_the_same_final_body_as_an_uninterrupted_one(tmp
     assert any(rolled for _, rolled, _ in decisions), "no round was rolled back: back-tracking was not exercised"
 
     out = tmp_path / "interrupted"
-    log = tmp_path / "launcher.log"
-    with open(log, "w") as sink:  # a file, not a pipe: the launcher can never block on a full pipe
-        launcher = subprocess.Popen([sys.executable, "-m", "app.run.launch", "--output-dir", str(out), *settings],
-                                    stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        # Wait for an event, not a duration: the checkpoint of round 2 (renamed into place once complete), or
-        # the launcher ending without it. A busy machine only makes this wait longer; rounds 3-10 are still to
-        # run when the kill lands, so it lands mid-run however slow each round is.
-        run_dir = _wait_for_checkpoint(out, launcher, at_least=2)
-        assert run_dir is not None, f"the run ended before round 2: {log.read_text()[-3000:]}"
-    finally:
-        launcher.send_signal(signal.SIGTERM)  # the process this test started, by its id
-        launcher.wait()  # it stops its SuperLink (SIGTERM, then SIGKILL after a grace period) and exits
+    run_dir = launch_and_kill_after(out, settings, at_least=2)
     interrupted_at = load_latest_checkpoint(run_dir).round
     assert 2 <= interrupted_at < 10, f"killed too late: {interrupted_at} rounds were complete"
 
@@ -91,6 +79,25 @@ def test_a_killed_run_resumes_to_the_same_final_body_as_an_uninterrupted_one(tmp
     for key, tensor in expected.fusion_state.items():
         assert torch.equal(final.fusion_state[key], tensor), f"fusion state {key} differs after resume"
     assert read_metrics(run_dir)[1]["fusion"] == {"operator": "nesterov", "server_lr": 0.7, "momentum": 0.9}
+
+
+def launch_and_kill_after(out: Path, settings: list[str], at_least: int) -> Path:
+    """Launch a run under ``out`` in a process of its own and kill it (SIGTERM) once round ``at_least`` is
+    checkpointed; its run directory."""
+    log = out.parent / f"{out.name}-launcher.log"
+    with open(log, "w") as sink:  # a file, not a pipe: the launcher can never block on a full pipe
+        launcher = subprocess.Popen([sys.executable, "-m", "app.run.launch", "--output-dir", str(out), *settings],
+                                    stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        # Wait for an event, not a duration: the checkpoint of round `at_least` (renamed into place once
+        # complete), or the launcher ending without it. A busy machine only makes this wait longer; the callers'
+        # later rounds are still to run when the kill lands, so it lands mid-run however slow each round is.
+        run_dir = _wait_for_checkpoint(out, launcher, at_least=at_least)
+        assert run_dir is not None, f"the run ended before round {at_least}: {log.read_text()[-3000:]}"
+    finally:
+        launcher.send_signal(signal.SIGTERM)  # the process this test started, by its id
+        launcher.wait()  # it stops its SuperLink (SIGTERM, then SIGKILL after a grace period) and exits
+    return run_dir
 
 
 def _wait_for_checkpoint(out: Path, process: subprocess.Popen, at_least: int, poll: float = 0.2) -> Path | None:
