@@ -2,6 +2,7 @@
 
     python -m deploy.rehearsal                 # or: bash deploy/rehearsal.sh
     python -m deploy.rehearsal --rounds 3 --workdir /tmp/rehearsal
+    python -m deploy.rehearsal --data site1=../shared/data/imdb model=minilm     # a real dataset and encoder
 
 Everything happens on 127.0.0.1 under one work directory (default ``outputs/rehearsal-<time>/``):
 
@@ -27,10 +28,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from app.run.config import compose_config
-from app.run.superlink import default_output_root, flwr_env, free_port, run_timeout, submit_run
 from app.report import summary_table
+from app.run.config import compose_config
 from app.run.outputs import read_round_records
+from app.run.superlink import (
+    default_output_root,
+    flwr_env,
+    free_port,
+    run_timeout,
+    submit_run,
+)
 from deploy.tooling import (
     Processes,
     make_ca,
@@ -63,8 +70,16 @@ def small_overrides(rounds: int, sites: int, node_wait_s: int = 120) -> list[str
             "tasks.test_size=100", "eval.probe.max_train_examples=200", "eval.probe.max_test_examples=100"]
 
 
-def prepare(workdir: Path, train_size: int = 200, test_size: int = 100) -> dict:
-    """Certificates, site keys, site datasets: everything a deployment needs before any process starts."""
+def prepare(workdir: Path, train_size: int = 200, test_size: int = 100, data: dict[str, Path] | None = None) -> dict:
+    """Certificates, site keys, site datasets: everything a deployment needs before any process starts.
+    ``data``: sites that serve a local dataset directory of their own (``--data site1=DIR``), read where it is."""
+    data = data or {}
+    unknown = sorted(set(data) - {site for site, _, _ in SITES})
+    if unknown:
+        raise SystemExit(f"--data: no site {unknown} (the sites are {[site for site, _, _ in SITES]})")
+    for site, directory in data.items():
+        if not (directory / "meta.json").is_file():
+            raise SystemExit(f"--data {site}={directory}: not a local dataset directory (no meta.json)")
     pki = workdir / "pki"
     make_ca(pki)
     make_server_cert(pki, hosts=[])
@@ -72,11 +87,25 @@ def prepare(workdir: Path, train_size: int = 200, test_size: int = 100) -> dict:
     for site, synthetic, role in SITES:
         root = workdir / site
         key, pub = make_site_key(root / "key", comment=site)
-        task = f"{site}_{synthetic.split('_', 1)[1]}"
-        write_local_dataset(root / "data", synthetic, name=task, train_size=train_size, test_size=test_size)
-        sites[site] = {"key": key, "pub": pub, "data": root / "data", "state": root / "state", "task": task,
+        if site in data:
+            directory, task = data[site].resolve(), data[site].resolve().name
+        else:
+            directory, task = root / "data", f"{site}_{synthetic.split('_', 1)[1]}"
+            write_local_dataset(directory, synthetic, name=task, train_size=train_size, test_size=test_size)
+        sites[site] = {"key": key, "pub": pub, "data": directory, "state": root / "state", "task": task,
                        "role": role, "log": root / "supernode.log"}
     return {"pki": pki, "sites": sites}
+
+
+def message_costs(contributions: Path) -> str:
+    """A site's fixed cost per train message, from its contribution log: process start (every message is a fresh
+    ClientApp process) to the first training step = the process's age when the handler started + its set-up."""
+    if not contributions.exists():
+        return "no contribution"
+    records = [json.loads(line) for line in contributions.read_text().splitlines()]
+    costs = sorted(r["process_age_s"] + r["setup_s"] for r in records if "setup_s" in r)
+    return "first training step " + ", ".join(f"{c:.1f}" for c in costs) + " s after its process started" \
+        if costs else "no timing recorded"
 
 
 def operator_environment(operator: Path) -> dict[str, str]:
@@ -144,14 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="default: outputs/rehearsal-<time> (of the checkout, else of this directory)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data", action="append", default=[], metavar="SITE=DIR",
+                        help="a site serves this local dataset directory (e.g. site1=../shared/data/imdb) "
+                             "instead of a generated one; repeatable")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the run")
     args = parser.parse_args(argv)
+    if any("=" not in item for item in args.data):
+        parser.error(f"--data takes SITE=DIR, got {[item for item in args.data if '=' not in item]}")
+    data = {site: Path(directory) for site, directory in (item.split("=", 1) for item in args.data)}
     workdir = (args.workdir or default_output_root() / f"rehearsal-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on `kill`, too
     t0 = time.perf_counter()
     console.print(f"[bold]Rehearsal[/bold] in {workdir}")
-    layout = prepare(workdir)
+    layout = prepare(workdir, data=data)
     with Processes() as processes:
         try:
             deployment = start_deployment(processes, workdir, layout)
@@ -178,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         count = len(contributions.read_text().splitlines()) if contributions.exists() else 0
         console.print(f"{name} ({site['role']}, task {site['task']}): heads {[str(h) for h in heads]}, "
                       f"{count} contribution(s) in {contributions}")
+        if count:
+            console.print(f"  {name} per train message: {message_costs(contributions)}")
     console.print(f"rehearsal wall time: {wall:.1f}s; all processes stopped")
     (workdir / "rehearsal.json").write_text(json.dumps({"run_id": run_id, "status": status, "run_dir": str(run_dir),
                                                         "wall_s": round(wall, 1)}, indent=2) + "\n")

@@ -84,6 +84,23 @@ def test_server_certificate_verifies_against_the_ca(tmp_path):
     assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text and "DNS:link.example.org" in text
 
 
+def test_a_rehearsal_site_can_serve_a_dataset_directory_of_its_own(tmp_path):
+    from deploy.rehearsal import message_costs, prepare
+
+    own = tmp_path / "imdb_like"
+    write_local_dataset(own, SYNTHETIC, name="imdb_like", train_size=20, test_size=10)
+    layout = prepare(tmp_path / "work", train_size=20, test_size=10, data={"site1": own})
+    assert layout["sites"]["site1"]["data"] == own.resolve() and layout["sites"]["site1"]["task"] == "imdb_like"
+    assert (layout["sites"]["site2"]["data"] / "meta.json").is_file()  # the others are generated as before
+    with pytest.raises(SystemExit, match=r"--data site1=.*nowhere: not a local dataset directory"):
+        prepare(tmp_path / "w2", data={"site1": tmp_path / "nowhere"})
+    with pytest.raises(SystemExit, match=r"no site \['site9'\]"):
+        prepare(tmp_path / "w3", data={"site9": own})
+    log = tmp_path / "contributions.jsonl"  # a message's cost: the process's age + the handler's set-up
+    log.write_text('{"process_age_s": 3.5, "setup_s": 1.25}\n{"process_age_s": 3.0, "setup_s": 0.5}\n')
+    assert message_costs(log) == "first training step 3.5, 4.8 s after its process started"
+
+
 # ---------------------------------------------------------------------- the ClientApp at a site
 @pytest.fixture()
 def site(tmp_path, tiny_cfg):

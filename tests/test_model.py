@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import transformers.initialization
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 import app.learning.model
@@ -102,6 +103,30 @@ def test_fresh_heads_are_explicit_and_seeded(tiny_path):
     a, b, c = (head_state(build_classifier(tiny_path, 4, s)) for s in (1, 1, 2))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["tiny", "minilm"])
+def test_a_model_built_around_a_body_initialises_only_the_head(name, tiny_cfg, monkeypatch):
+    """A node builds its model around the received body: nothing is randomly drawn for it (only the head is), the
+    body's values are the received ones, the unsaved buffers are right, and the head is the seed's, body or not."""
+    path = resolve_model({**dict(tiny_cfg.model), "name_or_path": name})
+    g = torch.Generator().manual_seed(1)
+    layout = body_state(build_classifier(path, 3, 0))
+    body = {k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in layout.items()}
+    drawn = []  # elements of real (not meta) tensors given random values by transformers' init functions
+    for fn in ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "xavier_uniform_"):
+        original = transformers.initialization.TORCH_INIT_FUNCTIONS[fn]
+        monkeypatch.setitem(transformers.initialization.TORCH_INIT_FUNCTIONS, fn,
+                            lambda t, *a, _f=original, **k: (drawn.append(t.numel()), _f(t, *a, **k))[1])
+    model = build_classifier(path, 3, head_seed=7, body=body)
+    state, prefix = model.state_dict(), SPLITS[name]["prefix"]
+    head_weights = [state[k] for k in SPLITS[name]["head"] if k.endswith("weight")]
+    assert sum(drawn) == sum(w.numel() for w in head_weights)  # the head's weights, nothing of the body
+    assert all(torch.equal(state[f"{prefix}.{k}"], v) for k, v in body.items())
+    embeddings = model.base_model.embeddings
+    np.testing.assert_array_equal(embeddings.position_ids[0].numpy(), np.arange(embeddings.position_ids.shape[-1]))
+    plain = head_state(build_classifier(path, 3, head_seed=7))
+    assert all(torch.equal(plain[k], v) for k, v in head_state(model).items())
 
 
 def test_load_body_refuses_a_body_that_does_not_fit(tiny_path):

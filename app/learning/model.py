@@ -201,12 +201,17 @@ def storage_dtypes(model: PreTrainedModel) -> dict[str, torch.dtype]:
 
 
 # ------------------------------------------------------------------------------ models and their bodies
-def build_classifier(path: str, num_labels: int, head_seed: int) -> PreTrainedModel:
-    """A sequence-classification model for ``path`` whose head is freshly initialised from ``head_seed``.
+def build_classifier(path: str, num_labels: int, head_seed: int,
+                     body: Mapping[str, torch.Tensor] | None = None) -> PreTrainedModel:
+    """A sequence-classification model for ``path`` whose head is freshly initialised from ``head_seed``, and whose
+    body is ``body`` (checked and loaded by ``load_body``) or, without one, random under ``head_seed``.
 
-    The whole model is built from its config under a fixed seed (weights random), and callers then load
-    the body they were sent. We never rely on ``from_pretrained(..., ignore_mismatched_sizes=True)``,
-    which silently reuses a stored head whose shape happens to match.
+    With a body, the model is laid out on the meta device and its memory allocated empty: no weight is randomly
+    initialised only to be overwritten (a node does this for every message, in a deployment in a fresh process).
+    Transformers' own initialisation then fills what the body does not: the head and the buffers that are not
+    saved (BERT's ``position_ids``). The head depends on ``head_seed`` alone, with or without a body. We never
+    rely on ``from_pretrained(..., ignore_mismatched_sizes=True)``, which silently reuses a stored head whose shape
+    happens to match.
 
     The model is built in the checkpoint's dtype (``model_dtype``), and each tensor's dtype is recorded: the body
     is received, sent (``body_state``) and saved in those dtypes. A half-precision model is then held in float32
@@ -220,12 +225,33 @@ def build_classifier(path: str, num_labels: int, head_seed: int) -> PreTrainedMo
     settings["problem_type"] = "regression" if num_labels == 1 else "single_label_classification"
     config = load_config(path).__class__.from_dict(settings)
     torch.manual_seed(head_seed)
-    model = AutoModelForSequenceClassification.from_config(config, dtype=storage)
+    if body is None:
+        model = AutoModelForSequenceClassification.from_config(config, dtype=storage)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config, dtype=storage)
+        model.to_empty(device="cpu")
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     if any(dtype in HALF_DTYPES for dtype in dtypes.values()):
         model.float()
     setattr(model, _STORAGE_DTYPES, dtypes)
+    if body is not None:
+        load_body(model, body)
+    _initialise_head(model, head_seed)
     return model
+
+
+def _initialise_head(model: PreTrainedModel, head_seed: int) -> None:
+    """Draw the head (and the unsaved buffers) from ``head_seed`` with the model's own ``_init_weights``; the body's
+    parameters are marked as initialised, which transformers' init functions honour (they leave them as they are)."""
+    body_keys, head_keys = split_keys(model)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for key, tensor in tensors.items():
+        tensor._is_hf_initialized = key in body_keys
+    for module in model.modules():
+        module._is_hf_initialized = False
+    torch.manual_seed(head_seed)
+    model.initialize_weights()
 
 
 def initial_body(path: str) -> dict[str, torch.Tensor]:
@@ -285,6 +311,14 @@ def body_dtypes(model: PreTrainedModel) -> dict[str, torch.dtype]:
     keys, _ = split_keys(model)
     dtypes = storage_dtypes(model)
     return {rel: dtypes[key] for key, rel in keys.items()}
+
+
+@lru_cache(maxsize=16)
+def model_body_dtypes(path: str) -> dict[str, torch.dtype]:
+    """``body_dtypes`` of the models ``build_classifier(path, ...)`` builds, worked out on the meta device (a node
+    decodes what it received into them before it builds its model). Read-only: it is shared."""
+    with torch.device("meta"):
+        return body_dtypes(build_classifier(path, 2, 0))
 
 
 def head_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:

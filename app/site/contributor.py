@@ -21,14 +21,13 @@ from flwr.app import ArrayRecord
 from flwr.common import log
 
 from app.learning.model import (
-    body_dtypes,
     body_state,
     build_classifier,
     derive_seed,
     head_state,
-    load_body,
     load_head,
     load_tokenizer,
+    model_body_dtypes,
     model_body_signature,
     pick_device,
     resolve_model,
@@ -139,10 +138,10 @@ def contribute(config: Mapping[str, Any], received: dict[str, torch.Tensor], nod
     keep_head = recipe["head_policy"] == "keep"
     # A fresh head is drawn from a seed that depends on the task (and on the round when heads are
     # re-initialised), so runs are reproducible and no head is ever reused by accident.
-    model = build_classifier(path, info.num_labels, derive_seed(seed, info.name, "head", 0 if keep_head else server_round))
     transport = str(config.get("transport", "float32"))
-    received = decode(received, transport, body_dtypes(model))  # the base exactly as this node received it
-    load_body(model, received)
+    received = decode(received, transport, model_body_dtypes(path))  # the base exactly as this node received it
+    head_seed = derive_seed(seed, info.name, "head", 0 if keep_head else server_round)
+    model = build_classifier(path, info.num_labels, head_seed, body=received)
     faults = json.loads(str(config.get("faults", "{}")))
     fault = fault_for(faults, info.name, node_config)  # testing aid: off unless enabled and opted in
     before_training(fault, faults)
@@ -188,9 +187,9 @@ def score_body(config: Mapping[str, Any], body: dict[str, torch.Tensor],
     few_shot = settings.get("few_shot") if str(config["role"]) == "heldout" else None
     device = pick_device(_device(node_config, str(recipe["device"])))
     metrics: dict[str, float] = {"num-examples": len(data["test"])}
+    body = decode(body, str(config.get("transport", "float32")), model_body_dtypes(path))
     for view in str(config["views"]).split(","):
-        model = build_classifier(path, info.num_labels, seed)
-        load_body(model, decode(body, str(config.get("transport", "float32")), body_dtypes(model)))
+        model = build_classifier(path, info.num_labels, seed, body=body)
         scores = VIEW_FUNCTIONS[view](model, info, tokenizer, data, settings, recipe, seed, device, few_shot)
         metrics.update({f"{view}.{name}": float(value) for name, value in scores.items()})
     return metrics
