@@ -208,10 +208,9 @@ def build_classifier(path: str, num_labels: int, head_seed: int,
 
     With a body, the model is laid out on the meta device and its memory allocated empty: no weight is randomly
     initialised only to be overwritten (a node does this for every message, in a deployment in a fresh process).
-    Transformers' own initialisation then fills what the body does not: the head and the buffers that are not
-    saved (BERT's ``position_ids``). The head depends on ``head_seed`` alone, with or without a body. We never
-    rely on ``from_pretrained(..., ignore_mismatched_sizes=True)``, which silently reuses a stored head whose shape
-    happens to match.
+    Transformers' own initialisation then fills the head and the unsaved buffers (BERT's ``position_ids``). The
+    head depends on ``head_seed`` alone, body or not. Never ``from_pretrained(..., ignore_mismatched_sizes=True)``:
+    it silently reuses a stored head whose shape happens to match.
 
     The model is built in the checkpoint's dtype (``model_dtype``), and each tensor's dtype is recorded: the body
     is received, sent (``body_state``) and saved in those dtypes. A half-precision model is then held in float32
@@ -225,7 +224,7 @@ def build_classifier(path: str, num_labels: int, head_seed: int,
     settings["problem_type"] = "regression" if num_labels == 1 else "single_label_classification"
     config = load_config(path).__class__.from_dict(settings)
     torch.manual_seed(head_seed)
-    if body is None:
+    if body is None:  # random weights, on the caller's default device (the meta one for a layout query)
         model = AutoModelForSequenceClassification.from_config(config, dtype=storage)
     else:
         with torch.device("meta"):
@@ -244,9 +243,8 @@ def build_classifier(path: str, num_labels: int, head_seed: int,
 def _initialise_head(model: PreTrainedModel, head_seed: int) -> None:
     """Draw the head (and the unsaved buffers) from ``head_seed`` with the model's own ``_init_weights``; the body's
     parameters are marked as initialised, which transformers' init functions honour (they leave them as they are)."""
-    body_keys, head_keys = split_keys(model)
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for key, tensor in tensors.items():
+    body_keys, _ = split_keys(model)
+    for key, tensor in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
         tensor._is_hf_initialized = key in body_keys
     for module in model.modules():
         module._is_hf_initialized = False
@@ -255,11 +253,9 @@ def _initialise_head(model: PreTrainedModel, head_seed: int) -> None:
 
 
 def initial_body(path: str) -> dict[str, torch.Tensor]:
-    """The starting body: the pretrained (or tiny) weights, exactly as a client's ``base_model`` sees them.
-
-    Also checks, before anything runs, that the architecture's keys fit its KEY_LAYOUTS entry (``check_layout``)
-    and that every dtype of the body can travel in a Flower ArrayRecord.
-    """
+    """The starting body (the pretrained or tiny weights, as a client's ``base_model`` sees them), once the
+    architecture's keys are checked against KEY_LAYOUTS (``check_layout``) and every dtype can travel in an
+    ArrayRecord: both fail before anything runs."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=model_dtype(path))
     except ModelLoadError:
