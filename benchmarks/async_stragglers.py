@@ -108,8 +108,8 @@ def summarise(runs: dict, out: Path) -> str:
     lines.append(f"async/sync clock to the target, mean of {len(ratios)} per-seed ratio(s): "
                  f"{statistics.mean(ratios):.2f} (target <= 0.6)" if ratios else
                  "async/sync clock to the target: no seed has one (see the rows)")
-    lines += ["", "The same contributor training (80 fused contributions: sync's 10 rounds of 8, async's 20 versions "
-              "of 4):", "",
+    lines += ["", "The same contributor training (as many fused contributions: sync's rounds, async's versions; "
+              "80 with the default settings):", "",
               "| seed | sync: seconds | async: seconds | async/sync | sync held-out probe at the end | async at the "
               "end | sync best | async best |", "|---|---|---|---|---|---|---|---|", *work_rows, "",
               f"async/sync clock for the same training, mean of {len(work_ratios)} seed(s): "
