@@ -80,8 +80,6 @@ def patch_before() -> None:
 
 def handle_train_message(variant: str, data_dir: str, body_file: str) -> dict:
     """The ClientApp's train handler on one message, stopped at the model's first forward pass."""
-    import json as _json
-
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -98,7 +96,7 @@ def handle_train_message(variant: str, data_dir: str, body_file: str) -> dict:
     imported = time.time()
     body = load_file(body_file)  # the message's arrays, as Flower hands them over deserialised
     cfg = compose_config("realdata")
-    train, _ = round_configs(cfg, _json.dumps({"name_or_path": "minilm"}))
+    train, _ = round_configs(cfg, json.dumps({"name_or_path": "minilm"}))
     node_config = {"data-dir": data_dir}
     config = ConfigRecord({**dict(train), "server-round": 1, "transport": "float32",
                            "task-entry": entry_key(node_task_entry(node_config, []))})

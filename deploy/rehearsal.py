@@ -88,7 +88,8 @@ def prepare(workdir: Path, train_size: int = 200, test_size: int = 100, data: di
         root = workdir / site
         key, pub = make_site_key(root / "key", comment=site)
         if site in data:
-            directory, task = data[site].resolve(), data[site].resolve().name
+            directory = data[site].resolve()
+            task = directory.name
         else:
             directory, task = root / "data", f"{site}_{synthetic.split('_', 1)[1]}"
             write_local_dataset(directory, synthetic, name=task, train_size=train_size, test_size=test_size)

@@ -229,12 +229,12 @@ def build_classifier(path: str, num_labels: int, head_seed: int,
     else:
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(config, dtype=storage)
-        model.to_empty(device="cpu")
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     if any(dtype in HALF_DTYPES for dtype in dtypes.values()):
-        model.float()
+        model.float()  # on the meta device (with a body) this costs nothing: memory is allocated once, below
     setattr(model, _STORAGE_DTYPES, dtypes)
     if body is not None:
+        model.to_empty(device="cpu")
         load_body(model, body)
     _initialise_head(model, head_seed)
     return model
