@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from app.site.contributor import answer_query, contribute, score_body
 from app.site.faults import malformed_content
+from strategies.transport import to_state_dict
 
 app = ClientApp()
 
@@ -33,7 +34,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    done = contribute(config, msg.content["arrays"].to_torch_state_dict(), context.node_config, context.state,
+    done = contribute(config, to_state_dict(msg.content["arrays"]), context.node_config, context.state,
                       int(context.run_id))
     metrics = MetricRecord(done.metrics)
     if done.fault == "malformed":  # testing aid: a reply whose records are wrong
@@ -45,5 +46,5 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    scores = score_body(msg.content["config"], msg.content["arrays"].to_torch_state_dict(), context.node_config)
+    scores = score_body(msg.content["config"], to_state_dict(msg.content["arrays"]), context.node_config)
     return Message(content=RecordDict({"metrics": MetricRecord(scores)}), reply_to=msg)

@@ -2,8 +2,14 @@
 bytes, Flower's ``FedAvg.aggregate_train`` (unvalidated weighted mean), and this project's server path
 (``ColdFusion``: each reply read, validated in one pass and folded into the fusion as it arrives).
 
+Two memcpy figures: ``memcpy`` copies every reply's bytes into fresh memory (K copies held, as a server that kept
+the replies would), so it pays a page fault per 4 KB page, which on a virtual machine can cost more than the copy;
+``memcpy_warm`` copies them one reply at a time into one buffer touched beforehand: the machine's copy bandwidth,
+the stricter peer.
+
     .venv/bin/python benchmarks/aggregation.py --out benchmarks/results/aggregation            # the issue's sizes
     .venv/bin/python benchmarks/aggregation.py --out DIR --cases minilm:8 --repeats 1           # a quick look
+    PYTHONPATH=. .venv/bin/python benchmarks/aggregation.py --passes minilm    # each pass over one body, before/now
 
 Each (case, method, repeat) runs in its own process, so one method's memory never flatters another's; the
 figure is the median over repeats. Bodies are random float32 tensors in the layout of the named model (MiniLM-L6:
@@ -37,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -45,7 +52,7 @@ LAYOUTS = {  # (vocab, hidden, layers, ffn): BERT/RoBERTa encoder bodies
     "minilm": (30522, 384, 6, 1536),
     "roberta": (50265, 768, 12, 3072),
 }
-METHODS = ("memcpy", "flower_fedavg", "coldfusion", "coldfusion_reversed")
+METHODS = ("memcpy", "memcpy_warm", "flower_fedavg", "coldfusion", "coldfusion_reversed")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -122,14 +129,21 @@ def run_one(method: str, model: str, k: int) -> dict:
     body_bytes = sum(t.numel() * t.element_size() for t in base.values())
     node_ids = list(range(100, 100 + k))
     base_record = ArrayRecord(base)
-    if method in ("memcpy", "flower_fedavg"):
+    if method in ("memcpy", "memcpy_warm", "flower_fedavg"):
         replies = [reply(ask, contribution(base, i), n) for i, (ask, n) in enumerate(zip(asks(node_ids, base_record),
                                                                                           node_ids))]
+        warm = np.ones(max(r.content["arrays"].count_bytes() for r in replies), np.uint8)  # touched: no page faults
         with PeakRSS() as peak:
             t0 = time.perf_counter()
             if method == "memcpy":
                 copies = [[bytearray(a.data) for a in r.content["arrays"].values()] for r in replies]
                 del copies
+            elif method == "memcpy_warm":
+                for r in replies:
+                    offset = 0
+                    for a in r.content["arrays"].values():
+                        warm[offset:offset + len(a.data)] = np.frombuffer(a.data, np.uint8)
+                        offset += len(a.data)
             else:
                 from flwr.serverapp.strategy import FedAvg
 
@@ -150,7 +164,9 @@ def run_one(method: str, model: str, k: int) -> dict:
         first = contribution(base, 0)
         honest = float(torch.sqrt(sum(((first[key] - v).double() ** 2).sum() for key, v in base.items())))
         del first
-        strategy.reference_norms = [honest] * 8  # a steady-state round: the last fused round's norms are known
+        # A steady-state round: the last fused round's K norms are known, so the norm rule can judge each reply as
+        # it comes (with fewer known norms than outstanding replies it must wait for peers; see the docstring).
+        strategy.reference_norms = [honest] * k
         seconds = 0.0
         with PeakRSS() as peak:
             t0 = time.perf_counter()
@@ -172,6 +188,45 @@ def run_one(method: str, model: str, k: int) -> dict:
             "body_bytes": body_bytes}
 
 
+def passes(model: str, repeats: int = 7) -> dict[str, float]:
+    """Milliseconds (median) of each pass over one contribution, the way it was done before and the way it is now."""
+    from strategies.chunks import chunks, squared_distance
+    from strategies.transport import to_state_dict
+
+    base = base_body(model)
+    body, record = contribution(base, 1), ArrayRecord(contribution(base, 1))
+    sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in base.items()}
+
+    def whole_fold():
+        for key, value in body.items():
+            sums[key].add_(value)
+
+    def chunked_fold():
+        for key, value in body.items():
+            for out, part in chunks(sums[key], value):
+                out.add_(part)
+
+    ways = {
+        "decode, Flower's to_torch_state_dict": lambda: record.to_torch_state_dict(),
+        "decode, shared bytes (to_state_dict)": lambda: to_state_dict(record),
+        "update norm, whole tensors, float64 reduction": lambda: [
+            torch.linalg.vector_norm(torch.sub(body[k], v), dtype=torch.float64) for k, v in base.items()],
+        "update norm, chunks (squared_distance)": lambda: [squared_distance(body[k], v) for k, v in base.items()],
+        "fold into float64 sums, whole tensors": whole_fold,
+        "fold into float64 sums, chunks": chunked_fold,
+    }
+    out = {}
+    for name, way in ways.items():
+        way()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            way()
+            times.append(time.perf_counter() - t0)
+        out[name] = round(1e3 * statistics.median(times), 1)
+    return out
+
+
 def one(method: str, model: str, k: str, env: dict[str, str] | None = None) -> dict:
     """``run_one`` in a fresh process."""
     out = subprocess.run([sys.executable, __file__, "--one", method, model, k], capture_output=True, text=True,
@@ -185,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="minilm:8,minilm:35,roberta:8", help="model:K, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "MODEL", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--passes", metavar="MODEL", help="time each pass over one contribution, before and now")
     args = parser.parse_args(argv)
+    if args.passes:
+        print(json.dumps(passes(args.passes), indent=1))
+        return 0
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]))))
         return 0

@@ -45,7 +45,7 @@ from strategies.coldfusion import ColdFusion
 from strategies.discovery import FederationError
 from strategies.records import RoundRecord, fused_norms
 from strategies.replies import MalformedReply, array_bytes, first_line, read_train_reply
-from strategies.transport import TransportError, decode
+from strategies.transport import TransportError, decode, to_state_dict
 from strategies.validation import NormRule, Rejection, assert_finite, inspect
 
 STALENESS_WEIGHTS = ("inverse_sqrt", "constant")
@@ -162,7 +162,7 @@ class AsyncColdFusion(ColdFusion):
 
     # ------------------------------------------------------------------ the versions
     def _set_base(self, arrays: ArrayRecord) -> None:
-        self._arrays, self._base_state, self._wire_arrays = arrays, arrays.to_torch_state_dict(), self._wire(arrays)
+        self._arrays, self._base_state, self._wire_arrays = arrays, to_state_dict(arrays), self._wire(arrays)
 
     def _open_version(self) -> None:
         self._record = RoundRecord(self._version + 1, mode="async")

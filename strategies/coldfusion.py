@@ -33,7 +33,7 @@ from strategies.intake import RoundIntake
 from strategies.records import RoundRecord, fused_norms, monitored_score, task_scores
 from strategies.replies import MalformedReply, array_bytes, first_line, read_evaluate_reply, read_train_reply
 from strategies.schedule import VIEWS, due
-from strategies.transport import TransportError, encode, received_body, sends_updates
+from strategies.transport import TransportError, encode, received_body, sends_updates, to_state_dict
 from strategies.validation import Contribution, NormRule, assert_finite
 
 
@@ -178,7 +178,7 @@ class ColdFusion(FedAvg):
         return self._close_round(server_round, intake)
 
     def _open_intake(self, server_round: int) -> RoundIntake:
-        base = self._base.to_torch_state_dict()
+        base = to_state_dict(self._base)
         rule = NormRule(self.max_update_norm, self.max_relative_norm, tuple(self.reference_norms), self.min_peers,
                         self.min_reference_norm)
         expected = [(self.nodes[n].label, n) for n in self._chosen]
@@ -302,7 +302,7 @@ class ColdFusion(FedAvg):
 
     def _wire(self, arrays: ArrayRecord) -> ArrayRecord:
         """The base as it travels (``strategies.transport``), encoded once for every message of a phase."""
-        return ArrayRecord(encode(arrays.to_torch_state_dict(), self.transport)) if sends_updates(self.transport) \
+        return ArrayRecord(encode(to_state_dict(arrays), self.transport)) if sends_updates(self.transport) \
             else arrays
 
     def _messages(self, node_ids: list[int], arrays: ArrayRecord, config: ConfigRecord, server_round: int,

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from strategies.transport import to_state_dict
+
 
 class MalformedReply(ValueError):
     """A reply whose content is missing or has the wrong type; the message names the field."""
@@ -80,8 +82,8 @@ def _text(record: ConfigRecord, key: str, where: str, *, required: bool = True) 
 
 def read_train_reply(msg: Message, *, consume: bool = False) -> TrainReply:
     """The body and statistics of a train reply. A non-finite loss is malformed too: it says training diverged.
-    ``consume``: the reply is the caller's own (just pulled), so each array's bytes are freed as it is decoded
-    and the reply and its body are never both in memory."""
+    The body shares the reply's bytes (``strategies.transport.to_state_dict``): decoding copies nothing.
+    ``consume``: the reply is the caller's own (just pulled) and is emptied, so the body holds the only reference."""
     arrays = _record(msg, "arrays", ArrayRecord)
     metrics = _record(msg, "metrics", MetricRecord)
     loss = float(_number(metrics, "train-loss", "metrics"))
@@ -93,7 +95,7 @@ def read_train_reply(msg: Message, *, consume: bool = False) -> TrainReply:
     server_round = int(_number(metrics, "server-round", "metrics", integer=True))
     head_kept = bool(_number(metrics, "head-kept", "metrics", integer=True)) if "head-kept" in metrics else None
     try:
-        body = arrays.to_torch_state_dict(keep_input=not consume)
+        body = to_state_dict(arrays, consume=consume)
     except Exception as exc:  # noqa: BLE001 - whatever the arrays hold, the reason goes into the record
         raise MalformedReply(f"'arrays' cannot be decoded: {type(exc).__name__}: {exc}") from None
     return TrainReply(body, loss, examples, server_round, head_kept)

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from app.run.config import ConfigError, compose_config, to_container
+from strategies.chunks import CHUNK
 from strategies.fusion import OPERATORS, FusionError, build_operator, fuse
 from strategies.fusion.means import TaskArithmetic, UniformMean, WeightedMean
 
@@ -61,6 +62,25 @@ def test_task_arithmetic_scales_the_mean_update():
     fused = fuse(TaskArithmetic(scale=2.5), bodies, base)
     updates = [_np(b, "w") - 0.5 for b in bodies]
     np.testing.assert_allclose(fused["w"].numpy(), 0.5 + 2.5 * np.mean(updates, axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_means_over_tensors_of_several_chunks_equal_a_float64_numpy_fold_bit_for_bit():
+    # The sums are folded in cache-sized chunks (strategies/chunks.py): every element must be folded exactly once,
+    # with the same arithmetic as a whole-tensor float64 fold (the oracle: numpy, contribution by contribution).
+    n = 2 * CHUNK + 5
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(n, generator=g), "ids": torch.arange(3)}
+    bodies = [{"w": base["w"] + 0.01 * torch.randn(n, generator=g), "ids": torch.arange(3)} for _ in range(3)]
+    total, updates, weighted = np.zeros(n), np.zeros(n), np.zeros(n)
+    for body, examples in zip(bodies, (3, 5, 2)):
+        total += _np(body, "w")
+        updates += _np(body, "w") - _np(base, "w")
+        weighted += examples * _np(body, "w")
+    np.testing.assert_array_equal(fuse(UniformMean(), bodies, base)["w"].numpy(), (total / 3).astype(np.float32))
+    np.testing.assert_array_equal(fuse(WeightedMean(), bodies, base, examples=[3, 5, 2])["w"].numpy(),
+                                  (weighted / 10).astype(np.float32))
+    np.testing.assert_array_equal(fuse(TaskArithmetic(scale=2.0), bodies, base)["w"].numpy(),
+                                  (_np(base, "w") + 2.0 * (updates / 3)).astype(np.float32))
 
 
 def test_mismatched_keys_or_shapes_and_nothing_to_fuse_raise_clear_errors():

@@ -10,9 +10,10 @@ import json
 import random
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from app.client_app import app as client_app
@@ -85,6 +86,13 @@ GOOD_METRICS = {"train-loss": 0.5, "num-examples": 16, "server-round": 2}
 def test_a_malformed_train_reply_is_named_field_by_field(content, reason):
     with pytest.raises(MalformedReply, match=reason.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         read_train_reply(_reply_to(content))
+
+
+def test_a_train_reply_whose_array_is_cut_short_is_malformed():
+    whole = Array(np.zeros(8, np.float32))
+    cut = ArrayRecord({"w": Array(whole.dtype, tuple(whole.shape), whole.stype, whole.data[:-1])})
+    with pytest.raises(MalformedReply, match=r"'arrays' cannot be decoded: ValueError: 31 bytes of data for shape"):
+        read_train_reply(_reply_to(RecordDict({"arrays": cut, "metrics": MetricRecord(GOOD_METRICS)})))
 
 
 def test_a_well_formed_train_reply_is_read():

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import MessageType
+from flwr.app import Array, ArrayRecord, MessageType
 
-from strategies.transport import TransportError, decode, encode, received_body, wire_dtype
+from strategies.transport import TransportError, decode, encode, received_body, to_state_dict, wire_dtype
 
 
 def _state():
@@ -72,3 +72,30 @@ def test_a_round_at_float16_sends_half_the_bytes_and_fuses_base_plus_mean_update
             oracle = np.mean([base[key].numpy().astype(np.float64) + u[key].numpy().astype(np.float32)
                               for u in updates], axis=0)
             np.testing.assert_allclose(tensor.numpy(), oracle, rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_arrived_arrays_decode_to_tensors_that_share_their_bytes():
+    state = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "h": np.array([1.5, -2.0], np.float16),
+             "ids": np.arange(5), "flag": np.array([True, False]), "scalar": np.array(2.5), "empty": np.zeros((0, 3)),
+             "fortran": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))}  # through Array.numpy
+    record = ArrayRecord({k: Array(v) for k, v in state.items()})
+    decoded = to_state_dict(record)
+    for key, value in state.items():  # the oracle: the numpy arrays themselves
+        assert decoded[key].dtype == torch.from_numpy(value).dtype, key
+        np.testing.assert_array_equal(decoded[key].numpy(), value, err_msg=key)
+    data = record["w"].data  # no copy: the tensor's values are the array's own bytes
+    address = np.frombuffer(data, np.uint8).ctypes.data
+    assert address <= decoded["w"].data_ptr() < address + len(data)
+    consumed = ArrayRecord({"w": Array(state["w"])})
+    assert list(to_state_dict(consumed, consume=True)) == ["w"] and len(consumed) == 0
+
+
+def test_an_array_whose_bytes_disagree_with_its_header_is_refused():
+    whole = Array(np.arange(8, dtype=np.float32))
+    cut = Array(whole.dtype, tuple(whole.shape), whole.stype, whole.data[:-4])
+    with pytest.raises(ValueError, match=r"28 bytes of data for shape \(8,\) of float32"):
+        to_state_dict(ArrayRecord({"w": cut}))
+    with pytest.raises(ValueError, match="byte order"):  # torch has no big-endian tensors (neither had Flower's path)
+        to_state_dict(ArrayRecord({"w": Array(np.arange(4, dtype=">f4"))}))
+    with pytest.raises(ValueError):  # not a .npy array at all
+        to_state_dict(ArrayRecord({"w": Array(whole.dtype, tuple(whole.shape), whole.stype, b"not numpy" * 20)}))

@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from strategies.chunks import CHUNK, squared_distance
 from strategies.fusion import build_operator, fuse
 from strategies.validation import (
     Contribution,
@@ -176,3 +178,15 @@ def test_a_huge_finite_update_is_judged_by_its_norm_not_called_non_finite():
     valid, rejected, norms, _ = screen([Contribution(0, "t0", 3, huge)], base, 3, max_update_norm=1e25)
     assert not valid and rejected[0].reason.startswith("update norm 6e+25 > max_update_norm")
     assert norms["t0"] == pytest.approx(_norm(base, huge), rel=1e-9)
+
+
+def test_the_squared_distance_covers_every_chunk_and_widens_half_precision():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3 * CHUNK + 11, generator=g), torch.randn(3 * CHUNK + 11, generator=g)
+    oracle = float(((a.numpy().astype(np.float64) - b.numpy().astype(np.float64)) ** 2).sum())
+    assert squared_distance(a, b) == pytest.approx(oracle, rel=1e-7)
+    assert squared_distance(a[:5], b[:5]) == pytest.approx(float(((a[:5].double() - b[:5].double()) ** 2).sum()))
+    x, y = torch.full((4,), 300.0).half(), torch.zeros(4).half()  # 300^2 overflows float16, not float32
+    assert squared_distance(x, y) == 4 * 300.0 ** 2
+    a[2 * CHUNK + 3] = math.nan  # in the third chunk
+    assert math.isnan(squared_distance(a, b))

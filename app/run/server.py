@@ -29,6 +29,7 @@ from strategies.coldfusion import ColdFusion
 from strategies.fusion import build_operator
 from strategies.records import RoundRecord
 from strategies.schedule import VIEWS
+from strategies.transport import to_state_dict
 from tasks.registry import PoolResolution, resolve_pool
 
 
@@ -124,13 +125,13 @@ class ServerRun:
     def keep_round(self, record: RoundRecord, arrays: ArrayRecord) -> None:
         """A finished round: checkpoint first, then its metrics line (a crash between them replays the round)."""
         self.history.append(record)
-        save_checkpoint(self.outputs.dir, record.round, arrays.to_torch_state_dict(), self.strategy.rng.getstate(),
+        save_checkpoint(self.outputs.dir, record.round, to_state_dict(arrays), self.strategy.rng.getstate(),
                         self.history, self.resolved, self.strategy.fusion.state_dict())
         self.outputs.append_round(record)
 
     def finish(self, arrays: ArrayRecord) -> None:
         """The fused model with its card, the report, and the round-by-round table in the log."""
-        save_fused_model(self.model_path, arrays.to_torch_state_dict(), self.outputs.model_dir)
+        save_fused_model(self.model_path, to_state_dict(arrays), self.outputs.model_dir)
         records = read_round_records(self.outputs.dir)
         write_model_card(self.outputs.model_dir, self.resolved, records, [asdict(m) for m in self.pool.missing])
         report = write_report(self.outputs.dir)

@@ -94,7 +94,7 @@ class Accumulator(ABC):
 
     @abstractmethod
     def _finish(self) -> dict[str, torch.Tensor]:
-        """float64 tensors for the floating keys."""
+        """The fused floating tensors: in float64 (``finish`` casts them) or already in the base's dtype."""
 
 
 @dataclasses.dataclass

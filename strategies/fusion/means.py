@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from strategies.chunks import chunks
 from strategies.fusion.base import Accumulator, FusionOperator, StateDict, require
 
 
@@ -16,17 +17,33 @@ class WeightedSum(Accumulator):
     def __init__(self, operator, base, server_round, *, of_updates: bool, by_examples: bool = False) -> None:
         super().__init__(operator, base, server_round)
         self.of_updates, self.by_examples = of_updates, by_examples
-        self.sums = {k: torch.zeros(base[k].shape, dtype=torch.float64) for k in self.floating}
+        self.sums: dict[str, torch.Tensor] = {}  # made by the first fold
         self.total_weight = 0.0
 
     def _fold(self, body: StateDict, label: str, examples: int, weight: float) -> None:
         w = weight * examples if self.by_examples else weight
         for key in self.floating:
-            # A float32 body adds into the float64 sum as is (torch computes in float64: the same bits as a float64
-            # copy, without making one).
-            value = self.update(body, key) if self.of_updates else body[key]
-            self.sums[key].add_(value, alpha=w)
+            self._add(key, body[key], w, minus=self.base[key] if self.of_updates else None)
         self.total_weight += w
+
+    def _add(self, key: str, value: torch.Tensor, weight: float, minus: torch.Tensor | None = None) -> None:
+        """``sums[key] += weight * (value - minus)``, the difference and the product in float64, as a whole-tensor
+        ``add_`` would compute them, but chunk by chunk (``strategies.chunks``: the float64 copy torch makes of a
+        float32 value stays in the cache). The first fold writes ``weight * value`` into fresh memory rather than
+        adding it to zeros: the same values, one pass over the sum instead of two."""
+        total = self.sums.get(key)
+        first = total is None
+        if first:
+            total = self.sums[key] = torch.empty(value.shape, dtype=torch.float64)
+        for out, part, ref in chunks(total, value, value if minus is None else minus):
+            if minus is not None:
+                part = part.to(torch.float64) - ref.to(torch.float64)  # as ``Accumulator.update``
+            if not first:
+                out.add_(part, alpha=weight)
+            elif weight == 1.0:
+                out.copy_(part)
+            else:
+                out.copy_(part).mul_(weight)
 
     def mean(self) -> dict[str, torch.Tensor]:
         return {k: s / self.total_weight for k, s in self.sums.items()}
@@ -58,7 +75,14 @@ class WeightedMean(FusionOperator):
 
 class _Mean(WeightedSum):
     def _finish(self) -> dict[str, torch.Tensor]:
-        return self.mean()
+        # Straight into the base's dtype, chunk by chunk: the same bits as ``self.mean()`` cast, without a float64
+        # copy of the sums (two bodies of memory).
+        fused = {}
+        for key, total in self.sums.items():
+            fused[key] = torch.empty(total.shape, dtype=self.base[key].dtype)
+            for out, part in chunks(fused[key], total):
+                out.copy_(part / self.total_weight)
+        return fused
 
 
 @dataclass

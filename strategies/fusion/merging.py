@@ -141,7 +141,7 @@ def _dropped(acc: Accumulator, body: StateDict, label: str) -> dict[str, torch.T
 class _DareMean(WeightedSum):
     def _fold(self, body: StateDict, label: str, examples: int, weight: float) -> None:
         for key, value in _dropped(self, body, label).items():
-            self.sums[key].add_(value, alpha=weight)
+            self._add(key, value, weight)
         self.total_weight += weight
 
     def _finish(self) -> dict[str, torch.Tensor]:
