@@ -194,7 +194,8 @@ def passes(model: str, repeats: int = 7) -> dict[str, float]:
     from strategies.transport import to_state_dict
 
     base = base_body(model)
-    body, record = contribution(base, 1), ArrayRecord(contribution(base, 1))
+    body = contribution(base, 1)
+    record = ArrayRecord(body)
     sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in base.items()}
 
     def whole_fold():
