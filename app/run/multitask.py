@@ -32,6 +32,7 @@ from app.learning.model import (
     body_state,
     build_classifier,
     derive_seed,
+    initial_body,
     load_tokenizer,
     pick_device,
     resolve_model,
@@ -60,10 +61,10 @@ def train_multitask(cfg, out_dir: Path, steps: int) -> dict[str, int]:
     tokenizer = load_tokenizer(path)
     entries = [e for e in resolve_pool(to_container(cfg, "tasks")).entries if e["role"] == "contributing"]
     models, batches = {}, {}
-    body = None
+    start, body = initial_body(path), None  # the pretrained (or tiny) start body, as ColD Fusion's round 1 gets it
     for entry in entries:
         info, data = load_task(entry)
-        model = build_classifier(path, info.num_labels, derive_seed(seed, info.name, "head", 0))
+        model = build_classifier(path, info.num_labels, derive_seed(seed, info.name, "head", 0), body=start)
         if body is None:
             body = model.base_model
         else:  # every head sits on the one shared body
