@@ -1,9 +1,12 @@
 """Model building, the body/head split declared per architecture (KEY_LAYOUTS), dtypes, and the saved fused model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import transformers.initialization
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 import app.learning.model
@@ -22,6 +25,7 @@ from app.learning.model import (
     resolve_model,
     save_fused_model,
 )
+from app.learning.allocation import ParametersOnMeta, unsaved_buffers
 from app.learning.tiny import build_tiny_model
 from tests.conftest import SPLITS
 
@@ -117,7 +121,7 @@ def test_a_model_built_around_a_body_initialises_only_the_head(name, tiny_cfg, m
     for fn in ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "xavier_uniform_"):
         original = transformers.initialization.TORCH_INIT_FUNCTIONS[fn]
         monkeypatch.setitem(transformers.initialization.TORCH_INIT_FUNCTIONS, fn,
-                            lambda t, *a, _f=original, **k: (drawn.append(t.numel()), _f(t, *a, **k))[1])
+                            lambda t, *a, _f=original, **k: (drawn.append(0 if t.is_meta else t.numel()), _f(t, *a, **k))[1])
     model = build_classifier(path, 3, head_seed=7, body=body)
     state, prefix = model.state_dict(), SPLITS[name]["prefix"]
     head_weights = [state[k] for k in SPLITS[name]["head"] if k.endswith("weight")]
@@ -127,6 +131,83 @@ def test_a_model_built_around_a_body_initialises_only_the_head(name, tiny_cfg, m
     np.testing.assert_array_equal(embeddings.position_ids[0].numpy(), np.arange(embeddings.position_ids.shape[-1]))
     plain = head_state(build_classifier(path, 3, head_seed=7))
     assert all(torch.equal(plain[k], v) for k, v in head_state(model).items())
+
+
+def checkpoint_body(path: str) -> dict[str, torch.Tensor]:
+    """The start body as the checkpoint's files store it, read with safetensors alone (not transformers' loading):
+    the body's keys (relative to base_model), each in its stored dtype; keys stored with the prefix are found too."""
+    with torch.device("meta"):
+        layout = build_classifier(path, 3, 0)
+    stored = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        stored.update(load_file(file))
+    keys, prefix = app.learning.model.body_dtypes(layout), layout.base_model_prefix
+    return {k: stored[k] if k in stored else stored[f"{prefix}.{k}"] for k in keys}
+
+
+def unsaved(model) -> dict[str, torch.Tensor]:
+    """The buffers no checkpoint stores (BERT's position_ids and token_type_ids)."""
+    saved = set(model.state_dict())
+    return {k: b for k, b in model.named_buffers() if k not in saved}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_path", "minilm_path", "half_path"])
+def test_the_body_before_the_first_step_is_the_body_sent(fixture, request):
+    """What a node trains is what it received, tensor for tensor, and it computes what from_pretrained's model does
+    (the oracle: the checkpoint read with safetensors, and a model loaded by transformers with the same head)."""
+    path = request.getfixturevalue(fixture)
+    sent = checkpoint_body(path)
+    model = build_classifier(path, 3, head_seed=7, body=sent)
+    state, prefix = model.state_dict(), model.base_model_prefix
+    assert all(torch.equal(state[f"{prefix}.{k}"], v.float()) for k, v in sent.items())  # float16: exact upcast
+    received = body_state(model)
+    assert all(received[k].dtype == v.dtype and torch.equal(received[k], v) for k, v in sent.items())
+    reference = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, dtype=torch.float32)
+    expected = unsaved(reference)
+    assert expected.keys() == unsaved(model).keys() and expected  # position_ids at least
+    assert all(torch.equal(b, expected[k]) for k, b in unsaved(model).items())
+    load_head(reference, head_state(model))
+    batch = load_tokenizer(path)(["the first sentence here", "a second one"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, reference.eval()(**batch).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny", "minilm"])
+def test_the_body_sent_survives_an_initialisation_that_ignores_transformers_flags(name, tiny_cfg, monkeypatch):
+    """transformers 4.x (allowed by pyproject.toml) re-initialises every module its ``initialize_weights`` visits,
+    whatever ``_is_hf_initialized`` says, and fills no buffer in ``_init_weights``: simulated here on version 5
+    by unguarded init functions and a no-op ``copy_``. The body and the buffers must not depend on either."""
+    path = resolve_model({**dict(tiny_cfg.model), "name_or_path": name})
+    sent = checkpoint_body(path)
+    init = transformers.initialization
+    for fn in ("normal_", "uniform_", "zeros_", "ones_", "constant_", "trunc_normal_"):
+        monkeypatch.setattr(init, fn, getattr(torch.nn.init, fn))
+    monkeypatch.setattr(init, "copy_", lambda tensor, *args, **kwargs: tensor)
+    model = build_classifier(path, 3, head_seed=7, body=sent)
+    received = body_state(model)
+    assert [k for k, v in sent.items() if not torch.equal(received[k], v)] == []
+    positions = model.base_model.embeddings.position_ids
+    np.testing.assert_array_equal(positions.numpy(), np.arange(positions.shape[-1])[None])
+
+
+def test_a_buffer_an_architecture_makes_with_torch_empty_comes_from_a_real_build():
+    """ParametersOnMeta sends torch.empty to the meta device; a buffer made that way is taken from a real build,
+    drawn in a forked RNG (the caller's random state is untouched)."""
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+            self.register_buffer("table", torch.empty(3).fill_(5.0), persistent=False)
+            self.register_buffer("positions", torch.arange(4), persistent=False)
+
+    with ParametersOnMeta():
+        toy = Toy()
+    assert toy.linear.weight.is_meta and toy.table.is_meta and not toy.positions.is_meta
+    rng = torch.random.get_rng_state()
+    buffers = unsaved_buffers(toy, Toy)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    np.testing.assert_array_equal(buffers["table"].numpy(), [5.0, 5.0, 5.0])
+    np.testing.assert_array_equal(buffers["positions"].numpy(), np.arange(4))
 
 
 def test_load_body_refuses_a_body_that_does_not_fit(tiny_path):

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from app.learning.allocation import ParametersOnMeta, initialise_head, unsaved_buffers
 from app.learning.tiny import build_tiny_model
 
 
@@ -206,11 +208,12 @@ def build_classifier(path: str, num_labels: int, head_seed: int,
     """A sequence-classification model for ``path`` whose head is freshly initialised from ``head_seed``, and whose
     body is ``body`` (checked and loaded by ``load_body``) or, without one, random under ``head_seed``.
 
-    With a body, the model is laid out on the meta device and its memory allocated empty: no weight is randomly
-    initialised only to be overwritten (a node does this for every message, in a deployment in a fresh process).
-    Transformers' own initialisation then fills the head and the unsaved buffers (BERT's ``position_ids``). The
-    head depends on ``head_seed`` alone, body or not. Never ``from_pretrained(..., ignore_mismatched_sizes=True)``:
-    it silently reuses a stored head whose shape happens to match.
+    With a body, no weight is randomly initialised only to be overwritten (a node builds a model for every message,
+    in a deployment in a fresh process): the parameters are laid out on the meta device and allocated empty, the
+    buffers no checkpoint stores (BERT's ``position_ids``) are computed for real, the head is drawn (both in
+    ``app.learning.allocation``), and the body is loaded last, so nothing can overwrite it. None of this relies on
+    transformers' initialisation flags (which only version 5 honours). The head depends on ``head_seed`` alone.
+    Never ``from_pretrained(..., ignore_mismatched_sizes=True)``: it silently reuses a stored head of the same shape.
 
     The model is built in the checkpoint's dtype (``model_dtype``), and each tensor's dtype is recorded: the body
     is received, sent (``body_state``) and saved in those dtypes. A half-precision model is then held in float32
@@ -224,32 +227,21 @@ def build_classifier(path: str, num_labels: int, head_seed: int,
     settings["problem_type"] = "regression" if num_labels == 1 else "single_label_classification"
     config = load_config(path).__class__.from_dict(settings)
     torch.manual_seed(head_seed)
-    if body is None:  # random weights, on the caller's default device (the meta one for a layout query)
+    with ParametersOnMeta() if body is not None else nullcontext():  # without one: on the caller's default device
         model = AutoModelForSequenceClassification.from_config(config, dtype=storage)
-    else:
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config, dtype=storage)
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     if any(dtype in HALF_DTYPES for dtype in dtypes.values()):
         model.float()  # on the meta device (with a body) this costs nothing: memory is allocated once, below
     setattr(model, _STORAGE_DTYPES, dtypes)
     if body is not None:
+        buffers = unsaved_buffers(model, lambda: AutoModelForSequenceClassification.from_config(config, dtype=storage))
         model.to_empty(device="cpu")
+        for key, value in buffers.items():
+            model.get_buffer(key).copy_(value)
+    initialise_head(model, split_keys(model)[1], head_seed)
+    if body is not None:
         load_body(model, body)
-    _initialise_head(model, head_seed)
     return model
-
-
-def _initialise_head(model: PreTrainedModel, head_seed: int) -> None:
-    """Draw the head (and the unsaved buffers) from ``head_seed`` with the model's own ``_init_weights``; the body's
-    parameters are marked as initialised, which transformers' init functions honour (they leave them as they are)."""
-    body_keys, _ = split_keys(model)
-    for key, tensor in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
-        tensor._is_hf_initialized = key in body_keys
-    for module in model.modules():
-        module._is_hf_initialized = False
-    torch.manual_seed(head_seed)
-    model.initialize_weights()
 
 
 def initial_body(path: str) -> dict[str, torch.Tensor]:
