@@ -26,11 +26,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from strategies.backtrack import Backtracking
 from strategies.discovery import FederationError, NodeTask, discover_nodes
 from strategies.exchange import exchange
 from strategies.fusion import FusionOperator, build_operator
 from strategies.intake import RoundIntake
-from strategies.records import RoundRecord, fused_norms, monitored_score, task_scores
+from strategies.records import RoundRecord, fused_norms, task_scores
 from strategies.replies import MalformedReply, array_bytes, first_line, read_evaluate_reply, read_train_reply
 from strategies.schedule import VIEWS, due
 from strategies.transport import TransportError, encode, received_body, sends_updates, to_state_dict
@@ -93,9 +94,9 @@ class ColdFusion(FedAvg):
         self.max_relative_norm = max_relative_norm
         self.min_peers = min_peers
         self.min_reference_norm = min_reference_norm
-        self.reference_norms: list[float] = []  # norms fused in the last fused round (strategies.validation)
+        self.reference_norms: list[float] = []  # norms fused in the last fused round that stood (strategies.validation)
         self.backtrack_threshold = backtrack_threshold
-        self.backtrack_monitor = backtrack_monitor
+        self.backtracking = Backtracking(backtrack_threshold, backtrack_monitor)  # refuses a held-out monitor
         self.query_config = dict(query_config or {})  # sent with the task query (e.g. the model spec)
         self.body_signature = body_signature  # nodes whose model body differs are refused at discovery
         self.rng = random.Random(seed)  # our own RNG: FedAvg samples with the module-level `random`
@@ -330,7 +331,7 @@ class ColdFusion(FedAvg):
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         timeouts = {phase: float(t if t is not None else timeout) for phase, t in self.timeouts.items()}
-        last_score = monitored_score(history, self.backtrack_monitor)
+        self.backtracking.resume(history)
         base_round = history[-1].base_round if history else 0
         self.reference_norms = fused_norms(history)
         self.summary()
@@ -339,7 +340,7 @@ class ColdFusion(FedAvg):
         arrays = initial_arrays
         for server_round in range(first_round, num_rounds + 1):
             t0 = time.perf_counter()
-            previous, previous_base_round = arrays, base_round
+            previous, previous_base_round, previous_norms = arrays, base_round, self.reference_norms
             self._record = RoundRecord(server_round)
             if server_round > 0:
                 fused, train_metrics = self.train_round(grid, server_round, arrays, train_config, timeouts["train"])
@@ -350,15 +351,14 @@ class ColdFusion(FedAvg):
             record = self._record
             record.seconds_train = time.perf_counter() - t0
             self.evaluate_round(grid, server_round, arrays, evaluate_config, timeouts["eval"], num_rounds, result)
-            score = getattr(record, f"probe_{self.backtrack_monitor}")
-            if self._should_roll_back(record, last_score, score):
+            drop = self.backtracking.judge(record)
+            if drop is not None:
                 arrays, base_round = previous, previous_base_round
                 self.fusion.load_state_dict(self._fusion_state_before)  # a server optimizer's step is undone too
+                self.reference_norms = previous_norms  # only fused rounds that stood give reference norms
                 record.rolled_back = True
-                log(WARNING, "Round %d rolled back: %s probe fell from %.4f to %.4f (contributors: %s)",
-                    server_round, self.backtrack_monitor, last_score, score, ", ".join(record.contributors))
-            elif score is not None:
-                last_score = score
+                log(WARNING, "Round %d rolled back: %s dev probe fell from %.4f to %.4f (contributors: %s)",
+                    server_round, self.backtracking.monitor, *drop, ", ".join(record.contributors))
             record.base_round = base_round
             log(INFO, "Round %d/%d done in %.1fs: probe seen=%s unseen=%s, finetune seen=%s unseen=%s",
                 server_round, num_rounds, record.seconds_train + record.seconds_eval,
@@ -390,10 +390,6 @@ class ColdFusion(FedAvg):
         if eval_metrics is not None:
             result.evaluate_metrics_clientapp[server_round] = eval_metrics
         record.seconds_eval = time.perf_counter() - t0
-
-    def _should_roll_back(self, record: RoundRecord, before: float | None, after: float | None) -> bool:
-        return (self.backtrack_threshold is not None and record.fused and before is not None
-                and after is not None and before - after > self.backtrack_threshold)
 
 
 def _fmt(value: float | None) -> str:

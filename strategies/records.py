@@ -13,7 +13,9 @@ Versions (``schema`` in every record; records without it are version 1):
   from the metric names in ``scores``);
 * 3: adds the asynchronous mode's fields (``mode``; ``staleness``, ``jobs`` and ``dispatched``, empty or 0 in a
   synchronous run and in older files). In an asynchronous run a record is one base **version**: ``round`` is
-  the version's number.
+  the version's number;
+* 4: adds ``dev``: each score series' role means on the views' dev rows (``DEV_SERIES``), the only scores that
+  decisions read (back-tracking, the best round); empty in older files, whose decisions read test scores.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from typing import Any
 
 from tasks.metrics import PRIMARY_METRICS, primary
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ROLES = ("contributing", "heldout")  # "seen" and "unseen" in the paper's words
 
 # Score series of a record: field -> (the evaluation view it comes from, the prefix of its metrics in that
 # view). The probe view scores two poolings in one pass; the first-token probe is the paper's ColD-Frozen view.
 SERIES = {"probe": ("probe", ""), "probe_mean_pool": ("probe", "mean_pool_"), "finetune": ("finetune", "")}
+# The same series scored on each view's dev rows (tasks.splits.fit_dev: disjoint from the fit rows and from test):
+# series -> the prefix of its metrics in the view. What is reported stays on test; what is decided reads these.
+DEV_SERIES = {"probe": "dev_", "probe_mean_pool": "dev_mean_pool_", "finetune": "dev_"}
 
 
 class RecordError(ValueError):
@@ -74,6 +79,7 @@ class RoundRecord:
     finetune_contributing: float | None = None
     finetune_heldout: float | None = None
     scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # view -> task -> every metric
+    dev: dict[str, dict[str, float]] = field(default_factory=dict)  # series -> role -> mean primary score on dev rows
     few_shot: int | None = None  # held-out tasks trained on this many examples in the views
     # Array bytes sent to and received from nodes (bodies; Flower's serialised size), per phase; None: not recorded.
     bytes_train_sent: int | None = 0
@@ -94,24 +100,45 @@ class RoundRecord:
         """From ``scores``: each series' primary score per task and its mean per role (regression tasks left out
         of the means, as in the paper); returns the means as ``<series>-<role>``."""
         summary = {}
+        self.dev = {}
         for series, (view, prefix) in SERIES.items():
-            per_task = {}
-            for task, metrics in self.scores.get(view, {}).items():
-                series_metrics = {m[len(prefix):]: v for m, v in metrics.items() if m.startswith(prefix)}
-                if PRIMARY_METRICS & set(series_metrics):  # a reply may lack a series (e.g. an older client)
-                    per_task[task] = primary(series_metrics)
+            per_task = self._primary_scores(view, prefix)
             setattr(self, series, per_task)
-            for role in ROLES:
-                values = [score for name, score in per_task.items()
-                          if self.roles.get(name) == role and name not in regression]
-                setattr(self, f"{series}_{role}", mean(values) if values else None)
-                if values:
-                    summary[f"{series}-{role}"] = mean(values)
+            dev = self._role_means(self._primary_scores(view, DEV_SERIES[series]), regression)
+            if any(value is not None for value in dev.values()):
+                self.dev[series] = dev
+            for role, value in self._role_means(per_task, regression).items():
+                setattr(self, f"{series}_{role}", value)
+                if value is not None:
+                    summary[f"{series}-{role}"] = value
         return summary
+
+    def _primary_scores(self, view: str, prefix: str) -> dict[str, float]:
+        """task -> primary score of the metrics of ``view`` named ``<prefix><metric>``."""
+        per_task = {}
+        for task, metrics in self.scores.get(view, {}).items():
+            series_metrics = {m[len(prefix):]: v for m, v in metrics.items() if m.startswith(prefix)}
+            if PRIMARY_METRICS & set(series_metrics):  # a reply may lack a series (e.g. an older client)
+                per_task[task] = primary(series_metrics)
+        return per_task
+
+    def _role_means(self, per_task: Mapping[str, float], regression: set[str]) -> dict[str, float | None]:
+        """role -> the mean over the role's classification tasks (None: none scored)."""
+        means = {}
+        for role in ROLES:
+            values = [score for name, score in per_task.items()
+                      if self.roles.get(name) == role and name not in regression]
+            means[role] = mean(values) if values else None
+        return means
 
     def series_mean(self, series: str, role: str) -> float | None:
         """The mean of a score series over the classification tasks of a role (None where it did not run)."""
         return getattr(self, f"{series}_{role}")
+
+    def dev_mean(self, series: str, role: str) -> float | None:
+        """The mean of a score series on the dev rows (DEV_SERIES) over a role's classification tasks: what
+        decisions read (None where it did not run, or in a record older than schema 4)."""
+        return self.dev.get(series, {}).get(role)
 
     def evaluated(self, series: str) -> bool:
         """Did this round score its base in ``series``, and does that base still stand (not rolled back)?"""
@@ -160,17 +187,19 @@ def _v1_base_round(record: RoundRecord, previous: int) -> int:
 
 
 def monitored_score(history: Sequence[RoundRecord], monitor: str) -> float | None:
-    """The back-tracking reference after ``history``: the monitored probe mean of the current base, i.e. of
-    the last round that was not rolled back (a rolled-back round's score describes a base that was undone)."""
-    scores = [r.series_mean("probe", monitor) for r in history if not r.rolled_back]
+    """The back-tracking reference after ``history``: the monitored probe mean **on dev rows** of the current
+    base, i.e. of the last round that was not rolled back (a rolled-back round's score describes a base that was
+    undone). Never a test score: a record older than schema 4 has no dev score, so it sets no reference."""
+    scores = [r.dev_mean("probe", monitor) for r in history if not r.rolled_back]
     scores = [s for s in scores if s is not None]
     return scores[-1] if scores else None
 
 
 def fused_norms(history: Sequence[RoundRecord]) -> list[float]:
-    """Update norms of the contributions fused in the last fused round (validation's reference norms)."""
+    """Update norms of the contributions fused in the last fused round that stood (validation's reference norms):
+    a rolled-back round's fusion was undone, so its norms describe no update of the base in effect."""
     for record in reversed(history):
-        if record.fused:
+        if record.fused and not record.rolled_back:
             return [float(record.update_norms[c]) for c in record.fused_contributors if c in record.update_norms]
     return []
 

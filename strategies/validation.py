@@ -8,8 +8,9 @@ multiple of its **reference norm** (``max_relative_norm``):
 
 * the reference of a contribution is the median norm of its **peers**: the round's other well-formed
   contributions (leave-one-out, so one outlier among two still stands out) plus the updates fused in the
-  last fused round (``reference_norms``), so that two colluding contributions in a round of two are judged
-  against earlier honest updates, not only against each other. Zero norms (a node that sent the base back)
+  last fused round that stood (``reference_norms``; a round that back-tracking undid gives none), so that two
+  colluding contributions in a round of two are judged against earlier honest updates, not only against each
+  other. Zero norms (a node that sent the base back)
   carry no scale and are left out;
 * the reference is never below ``min_reference_norm``, so peers that barely moved cannot make every real
   update an outlier;
@@ -106,7 +107,7 @@ class NormRule:
 
     max_update_norm: float | None = None
     max_relative_norm: float | None = None
-    reference_norms: tuple[float, ...] = ()  # norms fused in the last fused round; zeros carry no scale
+    reference_norms: tuple[float, ...] = ()  # norms fused in the last fused round that stood; zeros carry no scale
     min_peers: int = 2
     min_reference_norm: float = 1e-6
 

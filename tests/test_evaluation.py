@@ -21,7 +21,7 @@ from app.learning.model import (
 from app.learning.recipe import EarlyStopping, finetune
 from strategies.schedule import due
 from tasks.registry import entry_key, load_task_cached
-from tasks.splits import subsample, train_dev
+from tasks.splits import fit_dev, subsample, train_dev
 from tasks.tokenize import tokenize_task
 from tests.conftest import SHARED_DATA, model_json
 from tests.test_client import _evaluate_message
@@ -62,6 +62,61 @@ def test_subsample_and_dev_split_are_seeded_random_and_disjoint():
     assert len(dev) == 30 and len(train) == 970 and not set(dev["i"]) & set(train["i"])
     with_validation = DatasetDict(train=ordered, validation=ordered.select(range(10)), test=ordered)
     assert train_dev(with_validation, 0.05, 1000, 0)[1]["i"] == list(range(10))  # a real dev split wins
+
+
+def _rows(split) -> set[int]:
+    return set(split["i"])
+
+
+def test_the_views_dev_rows_are_disjoint_from_the_fit_and_test_rows_and_leave_the_fit_draw_as_it_was():
+    """tasks.splits.fit_dev, row by row: decisions read dev rows, never a test row nor a row the model fits on."""
+    train = Dataset.from_dict({"label": [0] * 500 + [1] * 500, "i": list(range(1000))})
+    test = Dataset.from_dict({"label": [0, 1] * 100, "i": list(range(1000, 1200))})
+    data = DatasetDict(train=train, test=test)
+    # enough rows past the fit draw: the fit rows are the draw the views always made, dev the next 200 rows
+    fit, dev = fit_dev(data, 300, 200, 0.2, seed=3)
+    assert fit["i"] == subsample(train, 300, 3)["i"] and len(dev) == 200
+    assert _rows(dev) <= _rows(train) and not _rows(dev) & _rows(fit) and not _rows(dev) & _rows(test)
+    assert 50 < sum(dev["label"]) < 150  # a random draw, not the last (all-1) rows of an ordered file
+    again, dev_again = fit_dev(data, 300, 200, 0.2, seed=3)
+    assert again["i"] == fit["i"] and dev_again["i"] == dev["i"]  # the same rows in every round
+    assert fit_dev(data, 300, 200, 0.2, seed=4)[1]["i"] != dev["i"]  # another seed, another draw
+    few, few_dev = fit_dev(data, 16, 200, 0.2, seed=3)  # a few-shot draw: its k rows as before, dev disjoint
+    assert few["i"] == subsample(train, 16, 3)["i"] and not _rows(few_dev) & (_rows(few) | _rows(test))
+    # train too small to spare 200 rows past the draw (1000 <= 900 + 200): dev (20% of train) is carved first
+    for limit in (900, 1000, None):
+        fit, dev = fit_dev(data, limit, 200, 0.2, seed=3)
+        assert len(dev) == 200 and len(fit) == min(limit or 800, 800)
+        assert _rows(dev) <= _rows(train) and not _rows(dev) & _rows(fit) and not _rows(dev) & _rows(test)
+        assert fit_dev(data, limit, 200, 0.2, seed=3)[1]["i"] == dev["i"]
+    assert len(fit_dev(data, None, 500, 0.1, seed=3)[1]) == 100  # the fraction caps a carved dev split
+    # a task with a validation split: dev comes from it, and the fit draw is untouched
+    with_validation = DatasetDict(train=train, validation=Dataset.from_dict({"label": [0] * 5, "i": [-1] * 5}),
+                                  test=test)
+    fit, dev = fit_dev(with_validation, 1000, 200, 0.2, seed=3)
+    assert dev["i"] == [-1] * 5 and fit["i"] == train["i"]
+
+
+def test_no_probe_dev_score_reads_a_test_row(tiny_cfg, tiny_path, pool):
+    """Adversarial test labels: every test label moved to another class. The test scores change; the dev scores,
+    the only ones decisions read, must not move at all, in both poolings."""
+    entry = next(e for e in pool if e["name"] == "syn01_topic")
+    info, raw = load_task_cached(entry_key(entry))
+    tokenizer = load_tokenizer(tiny_path)
+    flipped = DatasetDict(train=raw["train"], test=raw["test"].map(
+        lambda row: {"label": (row["label"] + 1) % info.num_labels}))
+    settings, recipe = to_container(tiny_cfg, "eval"), to_container(tiny_cfg, "client")
+    scores = []
+    for data in (raw, flipped):
+        model = build_classifier(tiny_path, info.num_labels, 0)
+        tokenized = tokenize_task(data, tokenizer, int(tiny_cfg.client.max_length))
+        scores.append(probe_view(model, info, tokenizer, tokenized, settings, recipe, 0, "cpu"))
+    honest, adversarial = scores
+    dev = {k: v for k, v in honest.items() if k.startswith("dev_")}
+    assert set(dev) == {"dev_accuracy", "dev_macro_f1", "dev_mean_pool_accuracy", "dev_mean_pool_macro_f1"}
+    assert {k: v for k, v in adversarial.items() if k.startswith("dev_")} == dev
+    assert adversarial["accuracy"] != honest["accuracy"]
+    assert adversarial["mean_pool_accuracy"] != honest["mean_pool_accuracy"]
 
 
 def test_probe_on_a_body_trained_on_the_task_beats_chance_and_the_untrained_body(tiny_cfg, tiny_path, pool):
@@ -113,7 +168,9 @@ def test_few_shot_trains_held_out_tasks_on_k_examples_only(tiny_cfg, tiny_path, 
     heldout = client_app(_evaluate_message(cfg, tiny_path, entry, "finetune", role="heldout"), node)
     seen = client_app(_evaluate_message(cfg, tiny_path, entry, "finetune", role="contributing"), node)
     assert heldout.content["metrics"]["finetune.train_examples"] == 16
-    assert seen.content["metrics"]["finetune.train_examples"] == 200  # few-shot applies to held-out tasks only
+    # few-shot applies to held-out tasks only; the 200 train rows cannot spare eval.finetune.max_dev_examples=200
+    # past the fit draw, so the view carves its dev split first: 20% of 200 = 40 rows, and fits on the other 160
+    assert seen.content["metrics"]["finetune.train_examples"] == 160
 
 
 @pytest.fixture(scope="module")

@@ -51,12 +51,13 @@ def test_a_killed_run_resumes_to_the_same_final_body_as_an_uninterrupted_one(tmp
     # Heads re-initialised per round (seeded): a client keeps no state that a kill could lose. Three of
     # the six contributing tasks per round: the resumed run (new random node ids) must sample the same.
     # Ten short rounds, so the kill (SIGTERM, then the launcher stops the SuperLink) lands mid-run.
-    # Back-tracking on, with a threshold that rolls back any drop of the held-out probe: the resumed run must
+    # Back-tracking on, with a threshold that rolls back any drop of the contributing tasks' dev probe (held-out
+    # tasks may not steer training, and no decision reads a test row): the resumed run must
     # take back the same reference score (the last one not rolled back) and make the same decisions. Fusion by
     # Nesterov momentum: the server optimizer's state (saved with each checkpoint, restored on a roll-back) must
     # come back exactly too.
     settings = ["experiment=tiny_sweep", "contributors_per_round=3", "client.max_steps=8", "rounds=10",
-                "client.head_policy=reinit", "backtrack.threshold=0.0001", "backtrack.monitor=heldout",
+                "client.head_policy=reinit", "backtrack.threshold=0.0001", "backtrack.monitor=contributing",
                 "fusion=nesterov"]
     status, reference = run_simulation(settings, output_root=tmp_path / "reference")
     assert status == "finished:completed"

@@ -232,7 +232,7 @@ def test_one_contributor_per_round_records_that_the_relative_rule_could_not_judg
 
 # ------------------------------------------------------------------------------- resume: the same decisions
 
-SCRIPTED = {0: 0.50, 1: 0.60, 2: 0.00, 3: 0.40, 4: 0.70}  # the held-out probe score of the base after each round
+SCRIPTED = {0: 0.50, 1: 0.60, 2: 0.00, 3: 0.40, 4: 0.70}  # the probe score (dev and test) of the base after each round
 
 
 def _scripted_client(message, context):
@@ -240,7 +240,8 @@ def _scripted_client(message, context):
     if message.metadata.message_type != MessageType.EVALUATE:
         return client_app(message, context)
     score = SCRIPTED[int(message.content["config"]["server-round"])]
-    metrics = MetricRecord({"probe.accuracy": score, "probe.macro_f1": score, "num-examples": 1})
+    metrics = MetricRecord({"probe.accuracy": score, "probe.macro_f1": score, "probe.dev_accuracy": score,
+                            "probe.dev_macro_f1": score, "num-examples": 1})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
 
 
@@ -249,7 +250,7 @@ def test_a_resumed_run_makes_the_same_back_tracking_decisions_as_an_uninterrupte
     # Heads re-initialised per round (seeded): a node keeps no state that the resume would lose. Fusion by
     # heavy-ball momentum: a rolled-back round must undo the server optimizer's step too.
     tiny_cfg = _cfg(tiny_cfg, "client.head_policy=reinit")
-    settings = {"backtrack_threshold": 0.05, "backtrack_monitor": "heldout", "contributors_per_round": 2,
+    settings = {"backtrack_threshold": 0.05, "backtrack_monitor": "contributing", "contributors_per_round": 2,
                 "fusion": {"operator": "fedavgm", "server_lr": 1.0, "momentum": 0.9}}
     start_body = initial_body(tiny_path)
     records: list = []
@@ -267,9 +268,10 @@ def test_a_resumed_run_makes_the_same_back_tracking_decisions_as_an_uninterrupte
         assert all(torch.equal(momenta[undone][k], v) for k, v in momenta[1].items())
     assert any(not torch.equal(momenta[4][k], v) for k, v in momenta[1].items())
     assert records[4][0].fusion == {"operator": "fedavgm", "server_lr": 1.0, "momentum": 0.9}
-    assert monitored_score([r for r, _ in records[:3]], "heldout") == 0.60  # not the undone 0.0
-    assert fused_norms([r for r, _ in records[:3]]) == [records[2][0].update_norms[c]
-                                                                for c in records[2][0].fused_contributors]
+    assert monitored_score([r for r, _ in records[:3]], "contributing") == 0.60  # not the undone 0.0
+    # the reference norms are round 1's: round 2's fusion was undone, so its norms describe no base in effect
+    assert fused_norms([r for r, _ in records[:3]]) == [records[1][0].update_norms[c]
+                                                                for c in records[1][0].fused_contributors]
 
     # resume after the rolled-back round 2: a new strategy, new node ids, the checkpoint's state only
     resumed_records: list = []

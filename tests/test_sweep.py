@@ -1,6 +1,7 @@
 """Config groups compose; real Hydra multirun sweeps over real Flower simulations."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from app.run.config import CONF_DIR, compose_config, to_container
-from app.run.sweep import sweep_jobs
+from app.run.sweep import final_scores, sweep_jobs
 from app.learning.model import resolve_model
 from tasks.registry import build_pool
 
@@ -73,7 +74,7 @@ def test_a_two_job_sweep_runs_two_real_simulations_and_summarises_them(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = _rows(tmp_path)
     assert [r["status"] for r in rows] == ["completed", "completed"]
-    assert all(float(r["unseen"]) > 0 and r["best_round"] for r in rows)
+    assert all(float(r["unseen"]) > 0 and r["best_dev_round"] and r["best_dev_round_unseen"] for r in rows)
     for job in ("0", "1"):
         assert list((tmp_path / "sweep" / job).glob("*-run*/model/config.json")), "job outputs stay in its dir"
     summary = (tmp_path / "sweep" / "summary.md").read_text()
@@ -92,3 +93,38 @@ def test_a_sweep_with_an_invalid_job_stops_before_any_job_runs(tmp_path):
 def test_sweep_jobs_are_expanded_like_hydra_does():
     assert sweep_jobs(["-m", "experiment=tiny_sweep", "seed=0,1", "hydra.sweep.dir=/x", "rounds=2"]) == [
         ["experiment=tiny_sweep", "seed=0", "rounds=2"], ["experiment=tiny_sweep", "seed=1", "rounds=2"]]
+
+
+def test_the_best_round_of_a_job_is_chosen_on_dev_rows_and_reports_its_test_score():
+    from strategies.records import RoundRecord
+
+    def scored(round_, test, dev, **fields):
+        record = RoundRecord(round_, roles={"a": "contributing", "u": "heldout"}, **fields)
+        record.scores = {"probe": {t: {"accuracy": test, "dev_accuracy": dev} for t in record.roles}}
+        record.summarise_scores(set())
+        return record
+
+    # test peaks at round 1, dev at round 2; round 3's dev is higher still, but it was rolled back
+    records = [scored(0, 0.5, 0.5), scored(1, 0.9, 0.55, base_round=1), scored(2, 0.6, 0.7, base_round=2),
+               scored(3, 0.99, 0.99, rolled_back=True, base_round=2)]
+    row = final_scores(records)
+    assert row["best_dev_round"] == 2 and row["best_dev_round_unseen"] == 0.6  # not round 1's test peak (0.9)
+    assert row["unseen"] == 0.6 and row["seen"] == 0.6  # the saved model: round 2's base
+    old = [RoundRecord(0, roles={"u": "heldout"}, probe={"u": 0.5}, probe_heldout=0.5)]  # schema 3: test only
+    assert "best_dev_round" not in final_scores(old)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["backtrack.monitor=heldout"], "config key 'backtrack.monitor' has invalid value 'heldout': held-out (unseen) "
+                                    "tasks must not steer training"),
+    (["eval.probe.max_dev_examples=0"], "config key 'eval.probe.max_dev_examples' has invalid value 0: must be >= 1"),
+    (["eval.finetune.dev_fraction=1.5"], "config key 'eval.finetune.dev_fraction' has invalid value 1.5: must be in (0, 1)"),
+])
+def test_decisions_on_held_out_tasks_and_empty_dev_splits_are_refused_at_config_time(overrides, message):
+    from app.run.config import ConfigError
+    from app.run.sweep import check_jobs
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_config("", overrides)
+    with pytest.raises(ConfigError, match=re.escape(f"sweep job [{overrides[0]}]: {message}")):
+        check_jobs(["-m", overrides[0]])  # a sweep stops before its first job (exit 2)

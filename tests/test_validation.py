@@ -190,3 +190,91 @@ def test_the_squared_distance_covers_every_chunk_and_widens_half_precision():
     assert squared_distance(x, y) == 4 * 300.0 ** 2
     a[2 * CHUNK + 3] = math.nan  # in the third chunk
     assert math.isnan(squared_distance(a, b))
+
+
+# ------------------------------------------------------------------- through the strategy: only rounds that stood
+
+def _scripted(norms: dict[int, float], dev: dict[int, float], test: dict[int, float]):
+    """A node that trains nothing: its round-r update has L2 norm ``norms[r]`` (a direction seeded by its node id),
+    and every evaluation reports ``test[r]`` on test rows and ``dev[r]`` on dev rows; the task query is real."""
+    from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from app.client_app import app as client_app
+
+    def client(message, context):
+        kind, config = message.metadata.message_type, message.content["config"]
+        if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
+            return client_app(message, context)
+        server_round = int(config["server-round"])
+        if kind == MessageType.EVALUATE:
+            metrics = {"probe.accuracy": test[server_round], "probe.dev_accuracy": dev[server_round], "num-examples": 1}
+            return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+        base = message.content["arrays"].to_torch_state_dict()
+        g = torch.Generator().manual_seed(context.node_id * 100 + server_round)
+        step = {k: torch.randn(v.shape, generator=g) for k, v in base.items() if v.is_floating_point()}
+        scale = norms[server_round] / math.sqrt(sum(float((s.double() ** 2).sum()) for s in step.values()))
+        body = {k: v + scale * step[k] if k in step else v for k, v in base.items()}
+        metrics = MetricRecord({"train-loss": 0.5, "num-examples": 10, "server-round": server_round})
+        return Message(content=RecordDict({"arrays": ArrayRecord(body), "metrics": metrics}), reply_to=message)
+
+    return client
+
+
+def _run_scripted(tiny_cfg, small_pool, body, client, rounds, first_round=0, history=(), **settings):
+    from flwr.app import ArrayRecord
+
+    from app.run.server import round_configs
+    from strategies.coldfusion import ColdFusion
+    from tests.conftest import model_json
+    from tests.inprocess import InProcessGrid
+
+    records = []
+    strategy = ColdFusion(pool=small_pool, contributors_per_round=None, seed=0, node_wait_timeout=5,
+                          on_round=lambda record, arrays: records.append((record, arrays, list(strategy.reference_norms))),
+                          **settings)
+    grid = InProcessGrid(client, [{"partition-id": i, "num-partitions": len(small_pool)} for i in range(len(small_pool))])
+    train, evaluate = round_configs(tiny_cfg, model_json(tiny_cfg))
+    strategy.start(grid, ArrayRecord(body), num_rounds=rounds, timeout=60, train_config=train, evaluate_config=evaluate,
+                   first_round=first_round, history=history)
+    return records
+
+
+def test_a_rolled_back_round_gives_no_reference_norms_live_or_on_resume(tiny_cfg, small_pool, tiny_path):
+    """Round 1's updates (norm 1) stand; round 2's (norm 2, within 3x of them) are fused, then rolled back (its dev
+    score falls); round 3's (norm 4) are 4x round 1's but only 2x the undone round 2's: judged against the rounds
+    that stood, every one is rejected, in the live run and in a run resumed after round 2 alike."""
+    from dataclasses import asdict
+    import json
+
+    from app.learning.model import initial_body
+    from strategies.records import fused_norms, read_records
+
+    client = _scripted(norms={1: 1.0, 2: 2.0, 3: 4.0}, dev={0: 0.5, 1: 0.6, 2: 0.2, 3: 0.6},
+                       test={0: 0.5, 1: 0.6, 2: 0.6, 3: 0.6})
+    settings = {"max_relative_norm": 3.0, "backtrack_threshold": 0.05}
+    live = _run_scripted(tiny_cfg, small_pool, initial_body(tiny_path), client, rounds=3, **settings)
+    (r1, _, norms1), (r2, base2, norms2), (r3, _, _) = live[1:]
+    assert r1.fused and not r1.rolled_back and sorted(r1.update_norms.values()) == pytest.approx([1.0] * 6)
+    assert r2.fused and r2.rolled_back and sorted(r2.update_norms.values()) == pytest.approx([2.0] * 6)
+    assert norms2 == norms1 == pytest.approx([r1.update_norms[c] for c in r1.fused_contributors])  # not round 2's
+    assert not r3.fused and len(r3.rejections) == 6, r3.rejections
+    assert all("x the reference norm (1" in reason for reason in r3.rejections), r3.rejections
+
+    history = read_records(json.loads(json.dumps(asdict(r))) for r, _, _ in live[:3])  # as metrics.jsonl holds it
+    assert fused_norms(history) == [r1.update_norms[c] for c in r1.fused_contributors]
+    resumed = _run_scripted(tiny_cfg, small_pool, base2.to_torch_state_dict(), client, rounds=3, first_round=3,
+                            history=history, **settings)
+    assert [(r.fused, sorted(r.rejections)) for r, _, _ in resumed] == [(r3.fused, sorted(r3.rejections))]
+
+
+def test_back_tracking_in_the_strategy_reads_dev_scores_never_test_scores(tiny_cfg, small_pool, tiny_path):
+    """Adversarial test scores: round 2's collapse on test while its dev score holds (it must stand), round 3's
+    soar on test while its dev score falls (it must be undone)."""
+    from app.learning.model import initial_body
+
+    client = _scripted(norms={1: 1.0, 2: 1.0, 3: 1.0}, dev={0: 0.5, 1: 0.6, 2: 0.6, 3: 0.3},
+                       test={0: 0.5, 1: 0.6, 2: 0.0, 3: 1.0})
+    records = _run_scripted(tiny_cfg, small_pool, initial_body(tiny_path), client, rounds=3, backtrack_threshold=0.05)
+    assert [r.rolled_back for r, _, _ in records] == [False, False, False, True]
+    assert [r.base_round for r, _, _ in records] == [0, 1, 2, 2]
+    assert records[3][0].dev == {"probe": {"contributing": 0.3, "heldout": 0.3}}

@@ -1,4 +1,4 @@
-"""Linear probing ("ColD-Frozen"): a frozen body, a fresh linear head, its test score.
+"""Linear probing ("ColD-Frozen"): a frozen body, a fresh linear head, its test (and dev) scores.
 
 Features are computed once per call with the body in inference mode; the linear model is fitted by
 scikit-learn (L-BFGS logistic regression, or ridge for regression tasks), which is far faster and
@@ -47,10 +47,11 @@ def extract_features(body, dataset, tokenizer, batch_size: int, device) -> dict[
     return {name: (np.concatenate(parts), y) for name, parts in feats.items()}
 
 
-def probe_score(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                regression: bool, settings: Mapping[str, Any]) -> dict[str, float]:
-    """Test metrics (``tasks.metrics``) of a linear model fitted on frozen training features."""
-    (x_train, y_train), (x_test, y_test) = train, test
+def probe_score(train: tuple[np.ndarray, np.ndarray], scored: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                regression: bool, settings: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Metrics (``tasks.metrics``) of one linear model fitted on frozen training features, on each split of
+    ``scored`` (name -> features and labels): one fit serves the test and the dev scores."""
+    x_train, y_train = train
     if regression:
         model = make_pipeline(StandardScaler(), Ridge(alpha=float(settings.get("ridge_alpha", 1.0))))
     else:
@@ -59,4 +60,4 @@ def probe_score(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np
             LogisticRegression(C=float(settings.get("C", 1.0)), max_iter=int(settings.get("max_iter", 1000))),
         )
     model.fit(x_train, y_train)
-    return task_metrics(model.predict(x_test), y_test, regression)
+    return {name: task_metrics(model.predict(x), y, regression) for name, (x, y) in scored.items()}

@@ -10,6 +10,10 @@ that evaluated that very base (``strategies.records.saved_model_record``). When 
 back by back-tracking, that is an earlier round; a series that never scored the saved base has no final.
 Role means are the ones each record holds (classification datasets only; regression, e.g. STS-B, is left
 out, as in the paper); nothing here re-derives what a record already says.
+
+"Best" is a decision, so it reads dev rows, never test: the round with the highest role mean on the views' dev
+rows (``RoundRecord.dev``), reported with that round's test score. Records older than schema 4 have no dev
+scores, so they have no best.
 """
 
 from __future__ import annotations
@@ -84,15 +88,25 @@ def mean_series(records: Sequence[RoundRecord], view: str, role: str) -> list[Po
     return [(n, v) for n, v in series if v is not None]
 
 
-def role_summary(series: Sequence[Point], final: int | None) -> dict[str, Point | None]:
-    """Start (round 0), final (the saved model's round ``final``, or None) and best point of one mean series."""
+def dev_series(records: Sequence[RoundRecord], view: str, role: str) -> list[Point]:
+    """(round, role mean on dev rows) for every round that evaluated ``view``, whose base stands, with that mean."""
+    series = [(r.round, r.dev_mean(view, role)) for r in evaluated(records, view)]
+    return [(n, v) for n, v in series if v is not None]
+
+
+def role_summary(series: Sequence[Point], final: int | None, dev: Sequence[Point] = ()) -> dict[str, Point | None]:
+    """Start (round 0), final (the saved model's round ``final``, or None) and best point of one test mean series;
+    best: the test point of the round with the highest ``dev`` mean (the first such round), None without dev."""
+    test = dict(series)
+    chosen = [p for p in dev if p[0] in test]
+    best = max(chosen, key=lambda p: p[1])[0] if chosen else None
     return {"start": next((p for p in series if p[0] == 0), None),
             "final": next((p for p in series if p[0] == final), None),
-            "best": max(series, key=lambda p: p[1]) if series else None}
+            "best": (best, test[best]) if best is not None else None}
 
 
 def summarise_series(records: Sequence[RoundRecord], view: str, role: str) -> dict[str, Point | None]:
-    return role_summary(mean_series(records, view, role), final_round(records, view))
+    return role_summary(mean_series(records, view, role), final_round(records, view), dev_series(records, view, role))
 
 
 def last_scores(records: Sequence[RoundRecord], view: str) -> dict[str, float]:

@@ -11,6 +11,7 @@ from strategies.records import RoundRecord
 
 ROLE_COLORS = {"contributing": "tab:blue", "heldout": "tab:orange"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BAR_LABELS = {"start": "start", "final": "final", "best": "best round on dev (its test score)"}
 
 
 def _figure(width: float, height: float):
@@ -51,7 +52,8 @@ def plot_views_vs_rounds(records: Sequence[RoundRecord], roles: Mapping[str, str
 
 def plot_seen_unseen(records: Sequence[RoundRecord], roles: Mapping[str, str], regression: set[str],
                      path: Path) -> Path | None:
-    """Start, final and best mean per role and view, as grouped bars labelled with their round."""
+    """Start, final and best mean per role and view, as grouped bars labelled with their round (test scores; the
+    best round is chosen on dev rows, never on test)."""
     views = [v for v in VIEWS if evaluated(records, v)]
     if not views:
         return None
@@ -61,7 +63,7 @@ def plot_seen_unseen(records: Sequence[RoundRecord], roles: Mapping[str, str], r
     for ax, view in zip(axes, views):
         summaries = {role: summarise_series(records, view, role) for role in ROLES}
         for i, (point, color) in enumerate((("start", "0.6"), ("final", "tab:green"), ("best", "tab:purple"))):
-            label: str | None = point  # one legend entry per kind of bar
+            label: str | None = BAR_LABELS[point]  # one legend entry per kind of bar
             for x, role in enumerate(ROLES):
                 p = summaries[role][point]
                 if p is not None:

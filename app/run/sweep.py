@@ -7,8 +7,9 @@ Hydra expands the sweep; each job runs ``coldfusion-sim``'s path (a private Supe
 the run's final status checked with ``flwr ls``) one after another, and keeps the run's outputs in the
 job's own Hydra directory (``multirun/<date>/<time>/<job>/``). When the sweep ends, ``summary.csv``,
 ``summary.md`` and ``summary.png`` in the sweep directory hold one row per job (its overrides, the saved
-model's seen and unseen probe scores (first token, the paper's view), best round, wall time, status and,
-for a failed job, the reason), plus the mean and standard deviation over seeds for settings that repeat.
+model's seen and unseen probe scores (first token, the paper's view), the best round (chosen on the unseen
+tasks' dev rows, never on test) with its unseen test score, wall time, status and, for a failed job, the
+reason), plus the mean and standard deviation over seeds for settings that repeat.
 Every job's configuration is composed before the first job starts, so a bad key or value in any job
 stops the sweep at once (exit 2, naming the job and the key). The exit status is 0 only if every job
 completed.
@@ -47,7 +48,7 @@ def run_job(overrides: list[str], job_dir: Path, cfg: DictConfig | None = None) 
 
     started = time.perf_counter()
     job: dict[str, Any] = {"overrides": " ".join(overrides), "status": "failed", "reason": "",
-                           "seen": None, "unseen": None, "best_round": None, "best_unseen": None}
+                           "seen": None, "unseen": None, "best_dev_round": None, "best_dev_round_unseen": None}
     try:
         status, run_dir = run_simulation(overrides, output_root=job_dir, cfg=cfg)
         job["status"] = "completed" if status == "finished:completed" else "failed"
@@ -65,16 +66,18 @@ def run_job(overrides: list[str], job_dir: Path, cfg: DictConfig | None = None) 
 
 def final_scores(records: list[RoundRecord]) -> dict[str, Any]:
     """A job's row: the saved model's probe and finetune means (None where no round scored the saved model,
-    e.g. a last round rolled back before the finetune view ever scored its base), and its best probe round."""
+    e.g. a last round rolled back before the finetune view ever scored its base), and its best probe round:
+    chosen on the unseen tasks' mean on dev rows (a decision never reads test), with that round's test mean."""
     row: dict[str, Any] = {}
     for series, prefix in (("probe", ""), ("finetune", "finetune_")):
         saved = saved_model_record(records, series)
         for role, word in (("contributing", "seen"), ("heldout", "unseen")):
             row[prefix + word] = saved.series_mean(series, role) if saved else None
-    scored = [r for r in evaluated(records, "probe") if r.probe_heldout is not None]
+    scored = [r for r in evaluated(records, "probe")
+              if r.dev_mean("probe", "heldout") is not None and r.probe_heldout is not None]
     if scored:
-        best = max(scored, key=lambda r: r.probe_heldout)
-        row.update(best_round=best.round, best_unseen=best.probe_heldout)
+        best = max(scored, key=lambda r: r.dev_mean("probe", "heldout"))
+        row.update(best_dev_round=best.round, best_dev_round_unseen=best.probe_heldout)
     return row
 
 
@@ -84,7 +87,7 @@ def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
     for path in sorted(sweep_dir.glob(f"*/{JOB_FILE}"), key=lambda p: int(p.parent.name)
                        if p.parent.name.isdigit() else 0):
         rows.append({"job": path.parent.name, **json.loads(path.read_text())})
-    columns = ["job", "overrides", "status", "seen", "unseen", "best_round", "best_unseen", "finetune_seen",
+    columns = ["job", "overrides", "status", "seen", "unseen", "best_dev_round", "best_dev_round_unseen", "finetune_seen",
                "finetune_unseen", "seconds", "reason"]
     with open(sweep_dir / "summary.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
@@ -112,12 +115,14 @@ def markdown_summary(rows, columns, groups) -> str:
         value = row.get(column)
         if value is None:
             return ""
-        if column in ("seen", "unseen", "best_unseen", "finetune_seen", "finetune_unseen"):
+        if column in ("seen", "unseen", "best_dev_round_unseen", "finetune_seen", "finetune_unseen"):
             return f"{100 * value:.2f}"
         return str(value).replace("|", "\\|")
 
     lines = ["# Sweep summary", "", "Scores: accuracy (%) of the final base, mean over contributing (seen) and "
-             "held-out (unseen) tasks: linear probe, and full finetuning (finetune_*) where that view ran.", "",
+             "held-out (unseen) tasks: linear probe, and full finetuning (finetune_*) where that view ran. "
+             "best_dev_round: the round with the best unseen probe mean on dev rows (carved from train, never test); "
+             "best_dev_round_unseen: that round's unseen test mean.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     if groups:
