@@ -10,6 +10,8 @@ the stricter peer.
     .venv/bin/python benchmarks/aggregation.py --out benchmarks/results/aggregation            # the issue's sizes
     .venv/bin/python benchmarks/aggregation.py --out DIR --cases minilm:8 --repeats 1           # a quick look
     PYTHONPATH=. .venv/bin/python benchmarks/aggregation.py --passes minilm    # each pass over one body, before/now
+    PYTHONPATH=. .venv/bin/python benchmarks/aggregation.py --out DIR --cases minilm:35 --methods coldfusion \
+        --fusion median --repeats 1          # the robust operators' peak (benchmarks/results/aggregation/robust/)
 
 Each (case, method, repeat) runs in its own process, so one method's memory never flatters another's; the
 figure is the median over repeats. Bodies are random float32 tensors in the layout of the named model (MiniLM-L6:
@@ -124,7 +126,7 @@ def asks(node_ids: list[int], base: ArrayRecord) -> list[Message]:
     return out
 
 
-def run_one(method: str, model: str, k: int) -> dict:
+def run_one(method: str, model: str, k: int, fusion: str = "uniform_mean") -> dict:
     base = base_body(model)
     body_bytes = sum(t.numel() * t.element_size() for t in base.values())
     node_ids = list(range(100, 100 + k))
@@ -154,7 +156,7 @@ def run_one(method: str, model: str, k: int) -> dict:
         from strategies.discovery import NodeTask
         from tasks.spec import TaskInfo
 
-        strategy = ColdFusion(pool=[], contributors_per_round=k, max_relative_norm=5.0)
+        strategy = ColdFusion(pool=[], contributors_per_round=k, max_relative_norm=5.0, fusion=fusion)
         strategy.nodes = {n: NodeTask(n, f"t{n}", "contributing", TaskInfo(f"t{n}", 2, False), "{}", label=f"t{n}")
                           for n in node_ids}
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0  # messages made outside a runtime
@@ -184,8 +186,8 @@ def run_one(method: str, model: str, k: int) -> dict:
             fused, _ = strategy._close_round(1, intake)
             seconds += time.perf_counter() - t0
         assert fused is not None and len(strategy._record.fused_contributors) == k, strategy._record.rejections
-    return {"method": method, "model": model, "k": k, "seconds": seconds, "peak_bytes": peak.peak - peak.start,
-            "body_bytes": body_bytes}
+    return {"method": method, "model": model, "k": k, "fusion": fusion, "seconds": seconds,
+            "peak_bytes": peak.peak - peak.start, "body_bytes": body_bytes}
 
 
 def passes(model: str, repeats: int = 7) -> dict[str, float]:
@@ -228,9 +230,10 @@ def passes(model: str, repeats: int = 7) -> dict[str, float]:
     return out
 
 
-def one(method: str, model: str, k: str, env: dict[str, str] | None = None) -> dict:
+def one(method: str, model: str, k: str, env: dict[str, str] | None = None, fusion: str = "uniform_mean") -> dict:
     """``run_one`` in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--one", method, model, k], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, __file__, "--one", method, model, k, "--fusion", fusion],
+                         capture_output=True, text=True,
                          check=True, env={**os.environ, **(env or {}), "PYTHONPATH": str(Path(__file__).parents[1])})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -242,20 +245,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "MODEL", "K"), help=argparse.SUPPRESS)
     parser.add_argument("--passes", metavar="MODEL", help="time each pass over one contribution, before and now")
+    parser.add_argument("--fusion", default="uniform_mean", help="the fusion operator of the coldfusion methods")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
     args = parser.parse_args(argv)
     if args.passes:
         print(json.dumps(passes(args.passes), indent=1))
         return 0
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]))))
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.fusion)))
         return 0
     rows = []
     for case in args.cases.split(","):
         model, k = case.split(":")
-        for method in METHODS:
-            runs = [one(method, model, k) for _ in range(args.repeats)]
-            live = one(method, model, k, {"MALLOC_MMAP_THRESHOLD_": "131072"})
-            row = {"model": model, "k": int(k), "method": method,
+        for method in args.methods.split(","):
+            runs = [one(method, model, k, fusion=args.fusion) for _ in range(args.repeats)]
+            live = one(method, model, k, {"MALLOC_MMAP_THRESHOLD_": "131072"}, fusion=args.fusion)
+            row = {"model": model, "k": int(k), "method": method, "fusion": args.fusion,
                    "seconds": statistics.median(r["seconds"] for r in runs),
                    "peak_bodies": statistics.median(r["peak_bytes"] / r["body_bytes"] for r in runs),
                    "live_peak_bodies": live["peak_bytes"] / live["body_bytes"],

@@ -11,8 +11,12 @@ training at all times, on Flower's Message API (each job pushed on its own, each
   it as the synchronous loop does (keys, shapes, dtypes, finiteness, the update-norm rules);
 * its **staleness** is the number of versions fused since the one it trained on. Older than
   ``max_staleness``: rejected with its reason. Otherwise it is folded into the fusion operator's accumulator at
-  once with the weight ``1/sqrt(1 + staleness)`` (``staleness_weight=inverse_sqrt``; ``constant``: 1), so a
-  stale update counts less (Nguyen et al.'s rule of thumb);
+  once, its staleness discounted by ``s = 1/sqrt(1 + staleness)`` (``staleness_weight=inverse_sqrt``;
+  ``constant``: 1), Nguyen et al.'s rule of thumb, in one of two ways (``aggregation``, ``server_lr`` = η):
+  ``normalised`` folds ``base + η·update`` with the weight ``s``, so the operator divides by the sum of the
+  weights and a buffer of equally stale updates moves the base as far as a fresh one; ``fedbuff`` (FedBuff's
+  rule) folds ``base + η·s·update`` with weight 1, so a uniform mean gives ``base + η/|buffer| · Σ s·update``
+  and staleness shrinks the step. The update-norm rules judge the update as received, before either factor;
 * after ``buffer_size`` folded contributions the accumulator finishes: the next version. It is checkpointed
   (``on_round``) and, when due (``eval.<view>.every``, in versions), scored in both views as a round is; then
   idle contributors are sent work with it. A node contributes at most once to a version.
@@ -49,6 +53,7 @@ from strategies.transport import TransportError, decode, to_state_dict
 from strategies.validation import NormRule, Rejection, assert_finite, inspect
 
 STALENESS_WEIGHTS = ("inverse_sqrt", "constant")
+AGGREGATIONS = ("normalised", "fedbuff")
 
 
 def staleness_weight(rule: str, staleness: int) -> float:
@@ -58,6 +63,28 @@ def staleness_weight(rule: str, staleness: int) -> float:
     if rule == "constant":
         return 1.0
     raise ValueError(f"unknown asynchronous.staleness_weight {rule!r}: one of {', '.join(STALENESS_WEIGHTS)}")
+
+
+def fold_terms(aggregation: str, staleness_rule: str, staleness: int, server_lr: float = 1.0) -> tuple[float, float]:
+    """(the contribution's weight in the fold, the factor on its update): ``normalised`` weighs by the staleness
+    weight (the operator then divides by the weights' sum), ``fedbuff`` scales the update by it (module docstring)."""
+    s = staleness_weight(staleness_rule, staleness)
+    if aggregation == "normalised":
+        return s, server_lr
+    if aggregation == "fedbuff":
+        return 1.0, server_lr * s
+    raise ValueError(f"unknown asynchronous.aggregation {aggregation!r}: one of {', '.join(AGGREGATIONS)}")
+
+
+def refusal(operator, aggregation: str, staleness_rule: str) -> str | None:
+    """Why the fusion operator cannot take this fold (None if it can): the median and the trimmed mean count every
+    contribution once, so they cannot take the staleness as a weight (``normalised``; ``constant`` weighs 1)."""
+    if getattr(operator, "weighs", True) or aggregation != "normalised" or staleness_rule == "constant":
+        return None
+    return (f"mode=async with fusion={operator.name}: asynchronous.aggregation=normalised weighs each contribution "
+            f"by its staleness (asynchronous.staleness_weight={staleness_rule}), but {operator.name} counts every "
+            "contribution once; set asynchronous.aggregation=fedbuff (the staleness scales the update instead) or "
+            "asynchronous.staleness_weight=constant")
 
 
 def rebased(update: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,19 +111,26 @@ class AsyncColdFusion(ColdFusion):
     """ColD Fusion with asynchronous contributions (module docstring); ``num_rounds`` counts base versions."""
 
     def __init__(self, *, concurrency: int = 8, buffer_size: int = 4, max_staleness: int | None = 8,
-                 staleness_rule: str = "inverse_sqrt", **kwargs) -> None:
+                 staleness_rule: str = "inverse_sqrt", aggregation: str = "normalised", server_lr: float = 1.0,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         if self.backtrack_threshold is not None:
             raise ValueError("back-tracking (backtrack.threshold) rolls back synchronous rounds; mode=async refuses "
                              "it: set backtrack.threshold=null")
-        staleness_weight(staleness_rule, 0)  # an unknown rule fails here, not at the first reply
+        fold_terms(aggregation, staleness_rule, 0)  # an unknown rule fails here, not at the first reply
+        if not server_lr > 0:
+            raise ValueError(f"asynchronous.server_lr has invalid value {server_lr!r}: must be > 0")
+        if problem := refusal(self.fusion, aggregation, staleness_rule):  # here, not at the first stale reply
+            raise ValueError(problem)
         self.concurrency, self.buffer_size = concurrency, buffer_size
         self.max_staleness, self.staleness_rule = max_staleness, staleness_rule
+        self.aggregation, self.server_lr = aggregation, float(server_lr)
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> asynchronous: %d training at once, a version every %d contributions, max staleness %s (%s)",
-            self.concurrency, self.buffer_size, self.max_staleness, self.staleness_rule)
+        log(INFO, "\t└──> asynchronous: %d training at once, a version every %d contributions, max staleness %s (%s, "
+            "%s, server_lr %g)", self.concurrency, self.buffer_size, self.max_staleness, self.staleness_rule,
+            self.aggregation, self.server_lr)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
@@ -276,8 +310,12 @@ class AsyncColdFusion(ColdFusion):
         record.train_loss[label], record.train_examples[label] = parsed.loss, parsed.examples
         if parsed.head_kept is False:
             record.heads_fresh.append(label)
-        self._accumulator.fold(body, label=label, examples=parsed.examples,
-                               weight=staleness_weight(self.staleness_rule, staleness))
+        weight, factor = fold_terms(self.aggregation, self.staleness_rule, staleness, self.server_lr)
+        if factor != 1.0:  # base + factor * update, written over the body judged above (no second body)
+            for key, value in body.items():
+                if self._base_state[key].is_floating_point():
+                    torch.add(self._base_state[key], update[key], alpha=factor, out=value)
+        self._accumulator.fold(body, label=label, examples=parsed.examples, weight=weight)
         self._version_norms.append(norm)
         self._contributed.add(job.node_id)
         record.fused_contributors.append(label)

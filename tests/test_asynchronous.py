@@ -1,5 +1,6 @@
-"""Asynchronous ColD Fusion (strategies/asynchronous.py): in-process runs checked against a numpy oracle, and real
-`flwr run` simulations (completion, staleness rejection, kill and resume)."""
+"""Asynchronous ColD Fusion (strategies/asynchronous.py): in-process runs with a straggler, checked against numpy
+oracles of each aggregation rule written from its definition, and real `flwr run` simulations (completion,
+staleness rejection, kill and resume)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, MessageType
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from app.client_app import app as client_app
 from app.learning.model import initial_body
@@ -20,26 +21,71 @@ from app.run.launch import run_simulation
 from app.run.outputs import read_metrics
 from app.run.server import round_configs
 from app.site.faults import FaultsNotAllowed, straggle
-from strategies.asynchronous import AsyncColdFusion, rebased, staleness_weight
+from strategies.asynchronous import AsyncColdFusion, fold_terms, rebased, staleness_weight
 from tests.conftest import model_json
 from tests.inprocess import InProcessGrid
 from tests.test_reliability import launch_and_kill_after
 
 
-def _run(cfg, pool, tiny_path, versions=3, **kwargs):
-    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": len(pool)} for i in range(len(pool))])
+class LateGrid(InProcessGrid):
+    """The node sent the first training job is a straggler: its training replies arrive only after ``delay`` more
+    pulls were tried (the strategy polls every job in flight, so it keeps trying); the number of training jobs in
+    flight is recorded after every push of work."""
+
+    def __init__(self, pool, delay: int) -> None:
+        super().__init__(client_app, [{"partition-id": i, "num-partitions": len(pool)} for i in range(len(pool))])
+        self.slow: int | None = None
+        self.delay = delay
+        self.held: list[tuple[int, object]] = []  # (released at this many pull attempts, reply)
+        self.attempts = 0
+        self.in_flight: list[int] = []  # training jobs in flight after each push of work
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        if self.slow is None and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.slow = messages[0].metadata.dst_node_id
+        for reply in [r for r in self.replies[len(self.replies) - len(messages):]  # this push's, not a released one
+                      if r.metadata.src_node_id == self.slow and r.metadata.message_type == MessageType.TRAIN]:
+            self._arrived.remove(reply)
+            self.held.append((self.attempts + self.delay, reply))
+        if all(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            train = sum(m.metadata.message_type == MessageType.TRAIN for m in self.sent)
+            self.in_flight.append(train - sum(r.metadata.message_type == MessageType.TRAIN for r in self.pulled))
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.attempts += 1
+        for held in [h for h in self.held if h[0] <= self.attempts]:
+            self.held.remove(held)
+            self._arrived.append(held[1])
+        return super().pull_messages(message_ids)
+
+
+def _run(cfg, pool, tiny_path, versions=3, grid=None, timeout=60, **kwargs):
+    grid = grid or InProcessGrid(client_app, [{"partition-id": i, "num-partitions": len(pool)}
+                                              for i in range(len(pool))])
     kept = []  # (record, base) per version, as the ServerApp's checkpointing gets them
     strategy = AsyncColdFusion(pool=pool, seed=0, node_wait_timeout=5, poll_s=0.0,
                                on_round=lambda record, arrays: kept.append((record, arrays.to_torch_state_dict())),
                                **{"concurrency": 3, "buffer_size": 2, "eval_schedule": {"probe": None}, **kwargs})
     train, evaluate = round_configs(cfg, model_json(cfg))
     start = ArrayRecord(initial_body(tiny_path))
-    result = strategy.start(grid, start, num_rounds=versions, timeout=60, train_config=train, evaluate_config=evaluate)
+    result = strategy.start(grid, start, num_rounds=versions, timeout=timeout, train_config=train,
+                            evaluate_config=evaluate)
     return grid, strategy, kept, result
 
 
-def test_versions_fuse_updates_on_the_current_base_weighted_by_staleness(tiny_cfg, small_pool, tiny_path):
-    grid, strategy, kept, result = _run(tiny_cfg, small_pool, tiny_path, versions=4)
+@pytest.mark.parametrize("aggregation,server_lr,fusion", [("normalised", 1.0, "uniform_mean"),
+                                                          ("fedbuff", 0.5, "uniform_mean"), ("fedbuff", 1.0, "median")])
+def test_versions_fuse_updates_on_the_current_base_by_the_aggregation_rule(tiny_cfg, small_pool, tiny_path,
+                                                                           aggregation, server_lr, fusion):
+    # One straggler (the first node sent work: its replies arrive 6 pull attempts late) among 6 contributors, 3
+    # training at once.
+    grid = LateGrid(small_pool, delay=6)
+    # (a long timeout: a held job must never expire, however slowly a loaded machine trains the others in push)
+    _, strategy, kept, result = _run(tiny_cfg, small_pool, tiny_path, versions=4, grid=grid, timeout=3600,
+                                     aggregation=aggregation, server_lr=server_lr, fusion=fusion)
     records = [r for r, _ in kept]
     assert [r.round for r in records] == [0, 1, 2, 3, 4] and all(r.mode == "async" for r in records)
     sent = {int(m.content["config"]["server-round"]): m for m in grid.sent
@@ -48,19 +94,33 @@ def test_versions_fuse_updates_on_the_current_base_weighted_by_staleness(tiny_cf
                for r in grid.replies if r.metadata.message_type == MessageType.TRAIN}
     heldout = {e["name"] for e in small_pool if e["role"] == "heldout"}
     assert not heldout & {strategy.nodes[m.metadata.dst_node_id].name for m in sent.values()}
-    assert any(s > 0 for r in records for s in r.staleness.values()), "no stale contribution: nothing was tested"
+    # concurrency: 3 jobs in flight, never more; the slots are refilled as replies come in
+    assert max(grid.in_flight) == 3 and grid.in_flight.count(3) >= 3, grid.in_flight
+    # lateness: the straggler's first job was overtaken: it is folded two or more versions after the one it trained on
+    slow = strategy.nodes[grid.slow].label
+    late = [r.staleness[slow] for r in records if slow in r.staleness]
+    assert late and max(late) >= 2, (late, [r.staleness for r in records])
     for (record, base), (_, previous) in zip(kept[1:], kept[:-1]):
         assert record.fused and len(record.fused_contributors) == 2 and not record.rejections
         # staleness: the versions fused between the base a job was sent and the one it was folded into
         for label, job in record.jobs.items():
             assert record.staleness[label] == record.round - 1 - int(sent[job].content["config"]["base-version"])
-        # oracle (numpy, float64): the staleness-weighted mean of (previous base + update) over the version's jobs
-        weights = {label: 1 / math.sqrt(1 + s) for label, s in record.staleness.items()}
+        # oracles (numpy, float64), from each rule's definition: s = 1/sqrt(1 + staleness), u = the update,
+        # normalised: sum(s * (previous + lr * u)) / sum(s); fedbuff: previous + lr / |buffer| * sum(s * u) for the
+        # mean, the coordinate-wise median of previous + lr * s * u for the median
+        s = {label: 1 / math.sqrt(1 + st) for label, st in record.staleness.items()}
         for key, tensor in base.items():
-            if tensor.is_floating_point():
-                oracle = sum(w * (previous[key].numpy() + updates[record.jobs[label]][key].numpy()).astype(np.float64)
-                             for label, w in weights.items()) / sum(weights.values())
-                np.testing.assert_allclose(tensor.numpy(), oracle, rtol=1e-6, atol=1e-7, err_msg=key)
+            if not tensor.is_floating_point():
+                continue
+            prev = previous[key].numpy().astype(np.float64)
+            u = {label: updates[record.jobs[label]][key].numpy().astype(np.float64) for label in s}
+            if aggregation == "normalised":
+                oracle = sum(s[c] * (prev + server_lr * u[c]) for c in s) / sum(s.values())
+            elif fusion == "median":
+                oracle = np.median([prev + server_lr * s[c] * u[c] for c in s], axis=0)
+            else:
+                oracle = prev + server_lr / len(s) * sum(s[c] * u[c] for c in s)
+            np.testing.assert_allclose(tensor.numpy(), oracle, rtol=1e-6, atol=1e-7, err_msg=key)
     jobs = [job for r in records for job in r.jobs.values()]
     assert len(jobs) == len(set(jobs)) == 8
     assert all(torch.equal(result.arrays.to_torch_state_dict()[k], v) for k, v in kept[-1][1].items())
@@ -84,6 +144,32 @@ def test_weights_rebasing_and_refusals():
     assert out["w"].tolist() == [1.5, 1.0] and out["ids"].tolist() == [3, 4] and out["v"].shape == (3,)
     with pytest.raises(ValueError, match="mode=async refuses"):
         AsyncColdFusion(pool=[], backtrack_threshold=0.01)
+    # (weight in the fold, factor on the update), by hand: s = 1/sqrt(1 + 3) = 0.5
+    assert fold_terms("normalised", "inverse_sqrt", 3, 0.8) == (0.5, 0.8)
+    assert fold_terms("fedbuff", "inverse_sqrt", 3, 0.8) == (1.0, 0.4)
+    assert fold_terms("fedbuff", "constant", 3) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="unknown asynchronous.aggregation 'mean'"):
+        AsyncColdFusion(pool=[], aggregation="mean")
+    with pytest.raises(ValueError, match="asynchronous.server_lr has invalid value 0"):
+        AsyncColdFusion(pool=[], server_lr=0)
+
+
+@pytest.mark.parametrize("fusion", [{"operator": "median"}, {"operator": "trimmed_mean", "beta": 0.2}])
+def test_async_robust_operators_weighted_by_staleness_are_refused_at_start(tiny_cfg, fusion):
+    # They count each contribution once: the normalised fold's staleness weight would crash the first stale reply.
+    name = fusion["operator"]
+    with pytest.raises(ValueError, match=rf"mode=async with fusion={name}: .*asynchronous.aggregation=fedbuff"):
+        AsyncColdFusion(pool=[], fusion=fusion)
+    cfg = OmegaConf.merge(tiny_cfg, {"mode": "async"})
+    with open_dict(cfg):
+        cfg.fusion = fusion
+    with pytest.raises(ConfigError, match=rf"mode=async with fusion={name}: .*staleness_weight=constant"):
+        validate_config(cfg)
+    for fine in ({"asynchronous": {"aggregation": "fedbuff"}}, {"asynchronous": {"staleness_weight": "constant"}},
+                 {"mode": "sync"}):
+        validate_config(OmegaConf.merge(cfg, fine))
+    AsyncColdFusion(pool=[], fusion=fusion, aggregation="fedbuff")
+    AsyncColdFusion(pool=[], fusion=fusion, staleness_rule="constant")
 
 
 def test_async_config_is_checked(tiny_cfg):
@@ -92,6 +178,9 @@ def test_async_config_is_checked(tiny_cfg):
         validate_config(cfg)
     cfg = OmegaConf.merge(tiny_cfg, {"mode": "async", "asynchronous": {"buffer_size": 0}})
     with pytest.raises(ConfigError, match="'asynchronous.buffer_size' has invalid value 0"):
+        validate_config(cfg)
+    cfg = OmegaConf.merge(tiny_cfg, {"mode": "async", "asynchronous": {"server_lr": -1.0}})
+    with pytest.raises(ConfigError, match="'asynchronous.server_lr' has invalid value -1.0"):
         validate_config(cfg)
     cfg = OmegaConf.merge(tiny_cfg, {"faults": {"enabled": True, "slow": {"t": 0.5}}})
     with pytest.raises(ConfigError, match="'faults.slow'"):

@@ -103,6 +103,7 @@ class FusionOperator(ABC):
 
     name: ClassVar[str]
     streams: ClassVar[bool]  # True: bounded memory whatever the number of contributions
+    weighs: ClassVar[bool] = True  # False: every contribution counts once, a fold weight other than 1 is refused
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
