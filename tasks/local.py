@@ -32,12 +32,17 @@ Other keys (``counts``, ``source``, ``license``, ...) are ignored. Example::
     {"name": "sst2", "task": "classification", "label_names": ["negative", "positive"],
      "sentence_pair": false}
 
+Files must be UTF-8. Errors name a jsonl or csv row by its 1-based line in the file (a csv header is
+line 1), a JSON array's by its 1-based record, a parquet file's as ``row N`` (counted from 1).
+
 Files are read with the ``datasets`` packaged builders into memory, through a throw-away cache
 directory: nothing is left in ``~/.cache/huggingface`` and no network is used.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import tempfile
 import warnings
@@ -46,7 +51,7 @@ from pathlib import Path
 import datasets
 
 from tasks.spec import TaskDataError, TaskInfo
-from tasks.validate import SPLITS, assemble, make_info, normalise_split, quiet_progress
+from tasks.validate import SPLITS, RowName, assemble, data_row, make_info, normalise_split, quiet_progress
 
 __all__ = ["load_local_task", "read_meta", "FORMATS"]
 
@@ -98,10 +103,47 @@ def _split_files(root: Path) -> dict[str, Path]:
     return found
 
 
-def _read_file(path: Path) -> datasets.Dataset:
+def _check_utf8(path: Path) -> bytes:
+    """The bytes of a text-format file; TaskDataError naming the first line that is not valid UTF-8."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise TaskDataError(f"{path}: line {line}: not valid UTF-8 ({e.reason}, byte {raw[e.start]:#04x} at column "
+                            f"{column}); re-save the file as UTF-8") from None
+    return raw
+
+
+def _row_names(path: Path, raw: bytes | None) -> RowName:
+    """How errors name a data row of ``path``: its line (a row of a text file starts on one), else ``row N``.
+    The reader skips blank lines, so they are skipped here too; csv records may span lines (quoted newlines)."""
+    if raw is None:
+        return data_row
+    text = raw.decode("utf-8")
+    if FORMATS[path.suffix.lower()] == "csv":
+        reader = csv.reader(io.StringIO(text, newline=""))
+        next(reader, None)  # the header, line 1
+        starts, end = [], reader.line_num  # end: the last line read so far
+        for record in reader:
+            if record:
+                starts.append(end + 1)
+            end = reader.line_num
+    elif text.lstrip().startswith("["):  # a JSON array: one record per element, wherever its lines are
+        return lambda i: f"record {i + 1}"
+    else:
+        starts = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return lambda i: f"line {starts[i]}" if i < len(starts) else data_row(i)
+
+
+def _read_file(path: Path) -> tuple[datasets.Dataset, RowName]:
+    """The file as a Dataset, and how to name its rows in error messages."""
     builder = FORMATS[path.suffix.lower()]
     if path.stat().st_size == 0:
         raise TaskDataError(f"{path}: split is empty (the file has 0 bytes)")
+    raw = None if builder == "parquet" else _check_utf8(path)
+    rows = (lambda i: _row_names(path, raw)(i))  # the line table is built only when an error names a row
     kwargs: dict = {}
     if builder == "csv":
         # Texts "NA", "null", "" stay the strings they are (pandas would make them NaN); only an
@@ -125,7 +167,7 @@ def _read_file(path: Path) -> datasets.Dataset:
             # pandas only warns (and drops data) when a row has more fields than the header
             warnings.simplefilter("error", pd.errors.ParserWarning)
         try:
-            return datasets.load_dataset(
+            ds = datasets.load_dataset(
                 builder,
                 data_files={"train": str(path)},
                 split="train",
@@ -141,6 +183,7 @@ def _read_file(path: Path) -> datasets.Dataset:
             if cause is not None and str(cause) not in detail:
                 detail += f" ({type(cause).__name__}: {cause})"
             raise TaskDataError(f"{path}: could not be read as {builder}: {detail}") from e
+    return ds, rows
 
 
 def load_local_task(data_dir: str | Path, name: str | None = None) -> tuple[TaskInfo, datasets.DatasetDict]:
@@ -173,5 +216,8 @@ def load_local_task(data_dir: str | Path, name: str | None = None) -> tuple[Task
         raise TaskDataError(
             f"{root}: neither a test nor a validation file (expected test.<ext> or validation.<ext>)"
         )
-    splits = {split: normalise_split(_read_file(path), info, where=str(path)) for split, path in files.items()}
+    splits = {}
+    for split, path in files.items():
+        ds, rows = _read_file(path)
+        splits[split] = normalise_split(ds, info, where=str(path), rows=rows)
     return info, assemble(splits, where=str(root))

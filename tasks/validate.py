@@ -5,7 +5,10 @@ which checks it and returns it in the task schema of :mod:`tasks.spec`: the colu
 (str), ``text_pair`` (str, sentence-pair tasks only) and ``label`` (int64 in ``[0, num_labels)``
 or float32 for regression), nothing else. :func:`assemble` then applies the split policy. Every
 problem raises :class:`~tasks.spec.TaskDataError` whose message starts with *where* (a file path,
-or a hub dataset and split) and names the column, the row (0-based, data rows only) and the value.
+or a hub dataset and split) and names the column, the row and the value. Rows are named by the
+source's ``rows`` function: a local file's 1-based line (header counted) for jsonl and csv, else
+``row N`` counting data rows from 1 (:func:`data_row`). Text that is not valid UTF-8 (pyarrow's
+readers accept it; it fails only when a node reads the row) is an error here.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import datasets
 import pyarrow as pa
@@ -26,7 +29,31 @@ SPLITS = ("train", "validation", "test")
 
 _INT_LITERAL = re.compile(r"[+-]?[0-9]{1,18}")
 
-__all__ = ["SPLITS", "make_info", "normalise_split", "assemble", "quiet_progress", "is_unlabelled"]
+__all__ = ["SPLITS", "make_info", "normalise_split", "assemble", "quiet_progress", "is_unlabelled", "data_row"]
+
+# How an error names the data row at 0-based index i: "line 6", "row 5", ...
+RowName = Callable[[int], str]
+
+
+def data_row(i: int) -> str:
+    """The default row name: data rows counted from 1 (a parquet file's or a hub split's row)."""
+    return f"row {i + 1}"
+
+
+def _check_utf8(col: pa.ChunkedArray, what: str, where: str, rows: RowName) -> None:
+    """TaskDataError naming the first value that is not valid UTF-8 (pyarrow's json and parquet readers
+    accept such bytes in a string column; only converting the row to Python fails, on a node, mid-run)."""
+    try:
+        col.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    for i, value in enumerate(col.cast(pa.binary()).to_pylist()):
+        try:
+            (value or b"").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TaskDataError(f"{where}: {what} {rows(i)}: not valid UTF-8 ({e.reason} at byte {e.start}: "
+                                f"{value[max(e.start - 20, 0):e.start + 1]!r}); re-save the file as UTF-8") from None
 
 
 def make_info(
@@ -97,12 +124,12 @@ def _mixed(col: pa.ChunkedArray) -> list | None:
     return values
 
 
-def _py_class_labels(values: list, info: TaskInfo, what: str, where: str) -> pa.Array:
+def _py_class_labels(values: list, info: TaskInfo, what: str, where: str, rows: RowName) -> pa.Array:
     n, names = info.num_labels, info.label_names
     out = []
     for i, v in enumerate(values):
         if v is None:
-            raise TaskDataError(f"{where}: {what} is null at row {i}")
+            raise TaskDataError(f"{where}: {what} is null at {rows(i)}")
         if isinstance(v, str) and v in names:
             v = names.index(v)
         elif isinstance(v, str) and _INT_LITERAL.fullmatch(v.strip()):
@@ -111,60 +138,60 @@ def _py_class_labels(values: list, info: TaskInfo, what: str, where: str) -> pa.
             v = int(v)
         elif isinstance(v, bool) or not isinstance(v, int):
             raise TaskDataError(
-                f"{where}: {what} row {i}: label {v!r} is neither an integer class index nor one of the "
+                f"{where}: {what} {rows(i)}: label {v!r} is neither an integer class index nor one of the "
                 f"label names {list(names)}"
             )
         if not 0 <= v < n:
             raise TaskDataError(
-                f"{where}: {what} row {i}: label {values[i]!r} is outside [0, {n}) (label names {list(names)})"
+                f"{where}: {what} {rows(i)}: label {values[i]!r} is outside [0, {n}) (label names {list(names)})"
             )
         out.append(v)
     return pa.array(out, pa.int64())
 
 
-def _py_regression_labels(values: list, what: str, where: str) -> pa.Array:
+def _py_regression_labels(values: list, what: str, where: str, rows: RowName) -> pa.Array:
     for i, v in enumerate(values):
         if v is None:
-            raise TaskDataError(f"{where}: {what} is null at row {i}")
+            raise TaskDataError(f"{where}: {what} is null at {rows(i)}")
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TaskDataError(
-                f"{where}: {what} row {i}: label {v!r} is not numeric; a regression task needs numeric labels"
+                f"{where}: {what} {rows(i)}: label {v!r} is not numeric; a regression task needs numeric labels"
             )
         if not math.isfinite(v):
-            raise TaskDataError(f"{where}: {what} row {i}: label {v!r} is not a finite number")
+            raise TaskDataError(f"{where}: {what} {rows(i)}: label {v!r} is not a finite number")
     return pa.array([float(v) for v in values], pa.float32())
 
 
-def _text_column(table: pa.Table, column: str, role: str, where: str) -> pa.ChunkedArray:
+def _text_column(table: pa.Table, column: str, role: str, where: str, rows: RowName) -> pa.ChunkedArray:
     col = _decode(table.column(column))
     what = f"column {column!r}" + ("" if column == role else f" (used as {role!r})")
     values = _mixed(col)
     if values is not None:
         for i, v in enumerate(values):
             if v is None:
-                raise TaskDataError(f"{where}: {what} is null at row {i}")
+                raise TaskDataError(f"{where}: {what} is null at {rows(i)}")
             if not isinstance(v, str):
-                raise TaskDataError(f"{where}: {what} row {i}: value {v!r} is not a string")
+                raise TaskDataError(f"{where}: {what} {rows(i)}: value {v!r} is not a string")
     if pa.types.is_null(col.type):
-        raise TaskDataError(f"{where}: {what} is null in every row (first: row 0)")
+        raise TaskDataError(f"{where}: {what} is null in every row (first: {rows(0)})")
     if not _is_text_type(col.type):
         raise TaskDataError(
-            f"{where}: {what} must hold strings, found type {col.type} (row 0 value {col[0].as_py()!r})"
+            f"{where}: {what} must hold strings, found type {col.type} ({rows(0)} value {col[0].as_py()!r})"
         )
     i = _first(pc.is_null(col))
     if i >= 0:
-        raise TaskDataError(f"{where}: {what} is null at row {i}")
+        raise TaskDataError(f"{where}: {what} is null at {rows(i)}")
     return col.cast(pa.string())
 
 
-def _class_labels(col: pa.ChunkedArray, info: TaskInfo, what: str, where: str) -> pa.ChunkedArray:
+def _class_labels(col: pa.ChunkedArray, info: TaskInfo, what: str, where: str, rows: RowName) -> pa.ChunkedArray:
     n = info.num_labels
     t = col.type
     if pa.types.is_null(t):
-        raise TaskDataError(f"{where}: {what} is null in every row (first: row 0)")
+        raise TaskDataError(f"{where}: {what} is null in every row (first: {rows(0)})")
     i = _first(pc.is_null(col))
     if i >= 0:
-        raise TaskDataError(f"{where}: {what} is null at row {i}")
+        raise TaskDataError(f"{where}: {what} is null at {rows(i)}")
     if pa.types.is_boolean(t):
         if n != 2:
             raise TaskDataError(f"{where}: {what} holds booleans but the task has {n} labels")
@@ -179,10 +206,10 @@ def _class_labels(col: pa.ChunkedArray, info: TaskInfo, what: str, where: str) -
         i = _first(pc.is_null(idx))
         if i >= 0:
             raise TaskDataError(
-                f"{where}: {what} row {i}: label {col[i].as_py()!r} is neither an integer nor one of "
+                f"{where}: {what} {rows(i)}: label {col[i].as_py()!r} is neither an integer nor one of "
                 f"the label names {list(info.label_names)}"
             )
-        _check_range(idx, col, info, where, what)
+        _check_range(idx, col, info, where, what, rows)
         return idx
     if pa.types.is_floating(t) or pa.types.is_decimal(t):
         f = col.cast(pa.float64())
@@ -191,37 +218,37 @@ def _class_labels(col: pa.ChunkedArray, info: TaskInfo, what: str, where: str) -
             i = _first(pc.not_equal(f, pc.floor(f)))
         if i >= 0:
             raise TaskDataError(
-                f"{where}: {what} row {i}: label {col[i].as_py()!r} is not an integer class index "
+                f"{where}: {what} {rows(i)}: label {col[i].as_py()!r} is not an integer class index "
                 f"(classification task with {n} labels)"
             )
-        _check_range(f, col, info, where, what)
+        _check_range(f, col, info, where, what, rows)
         return f.cast(pa.int64())
     if pa.types.is_integer(t):
-        _check_range(col, col, info, where, what)
+        _check_range(col, col, info, where, what, rows)
         return col.cast(pa.int64())
     raise TaskDataError(
-        f"{where}: {what} must hold integer class indices, found type {t} (row 0 value {col[0].as_py()!r})"
+        f"{where}: {what} must hold integer class indices, found type {t} ({rows(0)} value {col[0].as_py()!r})"
     )
 
 
-def _regression_labels(col: pa.ChunkedArray, what: str, where: str) -> pa.ChunkedArray:
+def _regression_labels(col: pa.ChunkedArray, what: str, where: str, rows: RowName) -> pa.ChunkedArray:
     t = col.type
     if pa.types.is_null(t):
-        raise TaskDataError(f"{where}: {what} is null in every row (first: row 0)")
+        raise TaskDataError(f"{where}: {what} is null in every row (first: {rows(0)})")
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
         i = _first(pc.is_valid(col))
         i = max(i, 0)
         raise TaskDataError(
-            f"{where}: {what} row {i}: label {col[i].as_py()!r} is not numeric (type {t}); "
+            f"{where}: {what} {rows(i)}: label {col[i].as_py()!r} is not numeric (type {t}); "
             f"a regression task needs numeric labels"
         )
     f = col.cast(pa.float64())
     i = _first(pc.is_null(f))
     if i >= 0:
-        raise TaskDataError(f"{where}: {what} is null at row {i}")
+        raise TaskDataError(f"{where}: {what} is null at {rows(i)}")
     i = _first(pc.invert(pc.is_finite(f)))
     if i >= 0:
-        raise TaskDataError(f"{where}: {what} row {i}: label {col[i].as_py()!r} is not a finite number")
+        raise TaskDataError(f"{where}: {what} {rows(i)}: label {col[i].as_py()!r} is not a finite number")
     return f.cast(pa.float32())
 
 
@@ -239,12 +266,13 @@ def normalise_split(
     text_column: str = "text",
     text_pair_column: str | None = "text_pair",
     label_column: str = "label",
+    rows: RowName = data_row,
 ) -> datasets.Dataset:
     """Check one split against ``info`` and return it with exactly the schema columns.
 
     Extra columns are dropped. ``text_pair_column`` is only read when ``info.sentence_pair``.
     Classification labels may be integers, integral floats, booleans (2 labels) or label names;
-    regression labels any finite number.
+    regression labels any finite number. ``rows`` names a row in error messages (default :func:`data_row`).
     """
     table = _table(ds)
     wanted = [("text", text_column)]
@@ -262,24 +290,28 @@ def normalise_split(
     if table.num_rows == 0:
         raise TaskDataError(f"{where}: split is empty (0 rows)")
 
+    for role, column in wanted:
+        col = _decode(table.column(column))
+        if _is_text_type(col.type):
+            _check_utf8(col, f"column {column!r}", where, rows)
     arrays: dict[str, pa.ChunkedArray] = {}
     for role, column in wanted[:-1]:
-        arrays[role] = _text_column(table, column, role, where)
+        arrays[role] = _text_column(table, column, role, where, rows)
     label = _decode(table.column(label_column))
     what = f"column {label_column!r}" + ("" if label_column == "label" else " (used as 'label')")
     values = _mixed(label)
     if info.is_regression:
         arrays["label"] = (
-            _regression_labels(label, what, where)
+            _regression_labels(label, what, where, rows)
             if values is None
-            else _py_regression_labels(values, what, where)
+            else _py_regression_labels(values, what, where, rows)
         )
         label_feature = datasets.Value("float32")
     else:
         arrays["label"] = (
-            _class_labels(label, info, what, where)
+            _class_labels(label, info, what, where, rows)
             if values is None
-            else _py_class_labels(values, info, what, where)
+            else _py_class_labels(values, info, what, where, rows)
         )
         label_feature = datasets.Value("int64")
 
@@ -339,12 +371,12 @@ def is_unlabelled(ds: datasets.Dataset, label_column: str) -> bool:
 
 
 
-def _check_range(values, col, info: TaskInfo, where: str, what: str) -> None:
+def _check_range(values, col, info: TaskInfo, where: str, what: str, rows: RowName) -> None:
     """TaskDataError naming the first row whose class index is outside [0, num_labels)."""
     n = info.num_labels
     i = _first(pc.or_(pc.less(values, 0), pc.greater_equal(values, n)))
     if i >= 0:
         raise TaskDataError(
-            f"{where}: {what} row {i}: label {col[i].as_py()!r} is outside [0, {n}) "
+            f"{where}: {what} {rows(i)}: label {col[i].as_py()!r} is outside [0, {n}) "
             f"(label names {list(info.label_names)})"
         )

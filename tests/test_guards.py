@@ -183,7 +183,7 @@ def test_a_sweep_row_describes_the_saved_model():
                 "probe_contributing": 0.1, "probe_heldout": 0.9, "finetune": {"a": 0.2},
                 "finetune_contributing": 0.2, "finetune_heldout": 0.2}]
     assert final_scores(read_records(records)) == {"seen": 0.7, "unseen": 0.6, "finetune_seen": None,
-                                                   "finetune_unseen": None, "best_round": 1, "best_unseen": 0.6}
+                                                   "finetune_unseen": None}
 
 
 def test_a_sites_contribution_log_is_strict_json_too(tmp_path):
@@ -193,3 +193,103 @@ def test_a_sites_contribution_log_is_strict_json_too(tmp_path):
     site.log_contribution(run_id=1, round=2, task="t", train_loss=float("nan"), examples=3)
     line = (tmp_path / "state" / "contributions.jsonl").read_text()
     assert "NaN" not in line and json.loads(line)["train_loss"] is None
+
+
+# ------------------------------------------------------------------ output directories that cannot be written
+def _unwritable_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Paths that cannot be an output directory here, with the words the message must hold. Root ignores
+    permission bits, so "read-only" is /proc (exists, refuses new files even to root)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    return {"under a file": (a_file / "runs", f"{a_file} is a file, not a directory"),
+            "deep under a file": (a_file / "x" / "y", f"{a_file} is a file, not a directory"),
+            "a file": (a_file, f"{a_file} is a file, not a directory"),
+            "read-only (/proc)": (Path("/proc"), "no file can be created in it")}
+
+
+@pytest.mark.parametrize("case", ["under a file", "deep under a file", "a file", "read-only (/proc)"])
+def test_an_output_directory_that_cannot_be_written_is_named(tmp_path, case):
+    from app.run.outputs import OutputDirError, writable_dir
+
+    path, needle = _unwritable_dirs(tmp_path)[case]
+    with pytest.raises(OutputDirError) as info:
+        writable_dir(path, "--output-dir")
+    assert str(info.value).startswith(f"--output-dir {path} cannot be created or written: ") and needle in str(info.value)
+    with pytest.raises(OutputDirError, match="run directory"):  # the ServerApp's own check, same words
+        RunOutputs.create(path / "20260101-run1" if case != "a file" else path, compose_config("quick", []))
+
+
+@pytest.mark.parametrize("case", ["under a file", "read-only (/proc)"])
+def test_coldfusion_sim_exits_2_on_an_unwritable_output_directory(tmp_path, capsys, monkeypatch, cache_dir, case):
+    import app.run.launch as launch
+    from rich.console import Console
+
+    def tripwire(*_args, **_kwargs):
+        raise AssertionError("the launcher started a SuperLink")
+    monkeypatch.setattr(launch, "simulation_superlink", tripwire)
+    monkeypatch.setattr(launch, "console", Console(width=10_000))
+    path, needle = _unwritable_dirs(tmp_path)[case]
+    code = launch.main(["experiment=quick", f"model.cache_dir={cache_dir}", "--output-dir", str(path)])
+    out = capsys.readouterr().out
+    assert code == 2, out
+    assert f"error: --output-dir {path} cannot be created or written: " in out and needle in out
+    assert "Traceback" not in out
+
+
+# ------------------------------------------------------------------ a task that never produced a score is named
+def _unscored_history() -> list[RoundRecord]:
+    """Three tasks; 'bad' fails on its node every time (a data error), so no record scores it."""
+    roles = {"good": "contributing", "bad": "contributing", "unseen": "heldout"}
+    failure = "bad#0: evaluation failed: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9"
+    return [RoundRecord(0, roles=roles, failures=[failure], scores={"probe": {"good": {"accuracy": 0.5},
+                                                                              "unseen": {"accuracy": 0.4}}}),
+            RoundRecord(1, roles=roles, failures=["bad#0: error reply: UnicodeDecodeError", "good: timeout"],
+                        scores={"finetune": {"good": {"accuracy": 0.6}}})]
+
+
+def test_never_scored_names_the_tasks_no_record_scores_with_their_first_failure():
+    from app.report.markdown import never_scored, never_scored_lines
+
+    assert never_scored(_unscored_history()) == {
+        "bad": "bad#0: evaluation failed: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9"}
+    assert never_scored_lines(_unscored_history()) == [
+        "bad: never produced a score (first failure: bad#0: evaluation failed: UnicodeDecodeError: 'utf-8' codec "
+        "can't decode byte 0xe9)"]
+    assert never_scored([RoundRecord(0, roles={"a": "heldout"})]) == {"a": ""}  # no failure recorded: none quoted
+
+
+def test_the_report_has_a_section_for_tasks_never_scored(tmp_path):
+    from app.report.markdown import report_markdown
+    from app.report.runs import load_run
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json_line(r.to_dict()) for r in _unscored_history()))
+    text = report_markdown(load_run(tmp_path), {}, [])
+    assert "## Tasks never scored\n\n- bad: never produced a score (first failure: bad#0: evaluation failed:" in text
+    (tmp_path / "metrics.jsonl").write_text(json_line(_unscored_history()[0].to_dict() | {
+        "scores": {"probe": {t: {"accuracy": 0.5} for t in ("good", "bad", "unseen")}}}))
+    assert "never scored" not in report_markdown(load_run(tmp_path), {}, [])  # every task scored: no section
+
+
+def test_coldfusion_sim_names_a_task_that_never_scored_at_the_end_of_the_run(tmp_path, capsys, monkeypatch, cache_dir):
+    """The end-of-run summary, with stand-ins for Flower: the run 'completed', and the unscored task is named."""
+    from contextlib import contextmanager
+
+    import app.run.launch as launch
+    from rich.console import Console
+
+    @contextmanager
+    def superlink(*_args, **_kwargs):
+        yield {}
+
+    def completed(*_args, **_kwargs):  # what the ServerApp would have written, then Flower's final status
+        run_dir = tmp_path / "out" / "20260101-000000-run7"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json_line(r.to_dict()) for r in _unscored_history()))
+        return 7, "finished:completed"
+    monkeypatch.setattr(launch, "simulation_superlink", superlink)
+    monkeypatch.setattr(launch, "submit_run", completed)
+    monkeypatch.setattr(launch, "console", Console(width=10_000))
+    assert launch.main(["experiment=quick", f"model.cache_dir={cache_dir}", "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: bad: never produced a score (first failure: bad#0: evaluation failed: UnicodeDecodeError" in out
+    assert "good: never" not in out and "unseen: never" not in out

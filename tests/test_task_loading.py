@@ -344,15 +344,19 @@ def test_empty_splits(tmp_path):
 @pytest.mark.parametrize(
     ("bad_label", "needles"),
     [
-        (3, ["row 4", "label 3", "outside [0, 3)"]),
-        (-1, ["row 4", "label -1", "outside [0, 3)"]),
-        (0.5, ["row 4", "0.5", "not an integer"]),
-        ("maybe", ["row 4", "'maybe'", "label names"]),
-        (None, ["null at row 4"]),
+        (3, ["{row}: label 3", "outside [0, 3)"]),
+        (-1, ["{row}: label -1", "outside [0, 3)"]),
+        (0.5, ["{row}: label 0.5", "not an integer"]),
+        ("maybe", ["{row}: label 'maybe'", "label names"]),
+        (None, ["null at {row}"]),
     ],
 )
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_bad_classification_labels(tmp_path, fmt, bad_label, needles):
+    """The 5th data row is named as the file shows it: jsonl line 5, csv line 6 (the header is line 1),
+    parquet row 5 (counted from 1)."""
+    row = {"jsonl": "line 5", "csv": "line 6", "parquet": "row 5"}[fmt]
+    needles = [n.format(row=row) for n in needles]
     rows = single_rows(8)
     rows[4]["label"] = bad_label
     if fmt == "parquet" and isinstance(bad_label, str):
@@ -363,7 +367,8 @@ def test_bad_classification_labels(tmp_path, fmt, bad_label, needles):
 
 @pytest.mark.parametrize(
     ("bad_label", "needles"),
-    [("high", ["row 2", "'high'", "not numeric"]), (None, ["null at row 2"]), (True, ["row 2", "True", "not numeric"])],
+    [("high", ["line 3: label 'high'", "not numeric"]), (None, ["null at line 3"]),
+     (True, ["line 3: label True", "not numeric"])],
 )
 def test_bad_regression_labels(tmp_path, bad_label, needles):
     rows = [{"text": f"a{i}", "text_pair": f"b{i}", "label": i * 0.7} for i in range(5)]
@@ -377,12 +382,87 @@ def test_null_texts(tmp_path, column):
     rows = pair_rows(5)
     rows[3][column] = None
     d = make_task(tmp_path / "t", PAIR_META, {"train": pair_rows(), "validation": rows})
-    raises([str(d / "validation.jsonl"), f"column '{column}'", "null at row 3"], load_local_task, d)
+    raises([str(d / "validation.jsonl"), f"column '{column}'", "null at line 4"], load_local_task, d)
 
     rows = pair_rows(5)
     rows[1][column] = 42
     d = make_task(tmp_path / "u", PAIR_META, {"train": rows, "validation": pair_rows()})
-    raises([str(d / "train.jsonl"), f"column '{column}'", "row 1", "42"], load_local_task, d)
+    raises([str(d / "train.jsonl"), f"column '{column}' line 2: value 42"], load_local_task, d)
+
+
+def _bytes_rows(rows: list[dict], bad_line: int, bad_text: bytes, header: str | None = None) -> bytes:
+    """jsonl (or csv with ``header``) lines as bytes, with line ``bad_line`` (1-based, header counted) replaced."""
+    if header is None:
+        lines = [json.dumps(r).encode() for r in rows]
+    else:
+        lines = [header.encode()] + [f"{r['text']},{r['label']}".encode() for r in rows]
+    lines[bad_line - 1] = bad_text
+    return b"\n".join(lines) + b"\n"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "bad", "line"),
+    [("jsonl", b'{"text": "caf\xe9 au lait", "label": 1}', 5),  # latin-1 e-acute
+     ("csv", b"caf\xe9 au lait,1", 6),
+     ("jsonl", b'{"text": "ok", "label": 1, "note": "\xff"}', 3)],  # even in a column the task ignores
+)
+def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path, fmt, bad, line):
+    """pyarrow's json reader keeps invalid UTF-8 in a string column without complaint (the bytes fail only when a
+    node converts the row, mid-run): the loader, which is what the start-up check and every node call, names the
+    file and the 1-based line (csv: the header is line 1)."""
+    d = make_task(tmp_path / "t", SINGLE_META, {"train": single_rows(), "test": single_rows()}, fmt)
+    header = "text,label" if fmt == "csv" else None
+    (d / f"train.{fmt}").write_bytes(_bytes_rows(single_rows(), line, bad, header))
+    raises([f"{d / f'train.{fmt}'}: line {line}: not valid UTF-8"], load_local_task, d)
+
+
+def test_coldfusion_sim_exits_2_on_a_file_that_is_not_utf8_before_anything_starts(tmp_path, capsys, monkeypatch):
+    """The issue's case through the CLI: before, the start-up check passed, every round logged Ray tracebacks and
+    the run ended finished:completed. Now: the file and line, exit 2, no SuperLink, nothing written."""
+    import app.run.launch as launch
+    from rich.console import Console
+
+    def tripwire(*_args, **_kwargs):
+        raise AssertionError("the launcher started a SuperLink")
+    monkeypatch.setattr(launch, "simulation_superlink", tripwire)
+    monkeypatch.setattr(launch, "console", Console(width=10_000))
+    data = tmp_path / "data"
+    make_task(data / "good", SINGLE_META, {"train": single_rows(), "test": single_rows()})
+    bad = make_task(data / "bad", SINGLE_META, {"train": single_rows(), "test": single_rows()})
+    (bad / "test.jsonl").write_bytes(_bytes_rows(single_rows(), 4, b'{"text": "na\xefve", "label": 0}'))
+    out = tmp_path / "out"
+    code = launch.main(["tasks=shared_data", f"tasks.data_root={data}", "tasks.contributing=[good,bad]",
+                        "tasks.heldout=[]", "--output-dir", str(out)])
+    text = capsys.readouterr().out
+    assert code == 2, text
+    assert f"error: {bad / 'test.jsonl'}: line 4: not valid UTF-8" in text
+    assert not out.exists()
+
+
+def test_a_parquet_text_that_is_not_utf8_is_refused_with_its_row(tmp_path):
+    d = make_task(tmp_path / "t", SINGLE_META, {"train": single_rows(), "test": single_rows()}, "parquet")
+    texts = pa.array([b"fine", b"also fine", b"caf\xe9"], pa.binary()).view(pa.string())  # no validation here
+    pq.write_table(pa.table({"text": texts, "label": pa.array([0, 1, 2])}), d / "test.parquet")
+    raises([f"{d / 'test.parquet'}: column 'text' row 3: not valid UTF-8"], load_local_task, d)
+
+
+def test_lines_are_counted_as_the_file_shows_them(tmp_path):
+    """Blank lines (which the readers skip) and a csv record spanning two lines still give the right line."""
+    d = make_task(tmp_path / "a", SINGLE_META, {"train": single_rows(), "test": single_rows()})
+    rows = [json.dumps(r) for r in single_rows(3)]
+    # line 1: row, 2: blank, 3: row, 4: blank, 5: row, 6: the bad row
+    (d / "train.jsonl").write_text("\n".join([rows[0], "", rows[1], "  ", rows[2], '{"text": "x", "label": 9}']) + "\n")
+    raises([f"{d / 'train.jsonl'}: column 'label' line 6: label 9 is outside [0, 3)"], load_local_task, d)
+
+    d = make_task(tmp_path / "b", SINGLE_META, {"train": single_rows(), "test": single_rows()}, "csv")
+    # line 1: header, 2: row, 3-4: one quoted record, 5: blank, 6: the bad row
+    (d / "train.csv").write_text('text,label\na,0\n"two\nlines",1\n\nb,7\n')
+    raises([f"{d / 'train.csv'}: column 'label' line 6: label 7 is outside"], load_local_task, d)
+
+    d = make_task(tmp_path / "c", SINGLE_META, {"test": single_rows()})
+    # a JSON array pretty-printed over many lines: its elements are records, named from 1
+    (d / "train.json").write_text(json.dumps([*single_rows(2), {"text": "x", "label": 9}], indent=2))
+    raises([f"{d / 'train.json'}: column 'label' record 3: label 9 is outside"], load_local_task, d)
 
 
 def test_unparseable_files(tmp_path):
@@ -482,7 +562,8 @@ def test_hub_csv_repo_regression_and_label_checks(tmp_path):
     _csv(repo2 / "test.csv", [{"sentence": "t", "y": 0}, {"sentence": "u", "y": 7}])
     kw = dict(text_column="sentence", label_column="y", cache_dir=tmp_path / "c")
     raises(["column 'y'", "label_names="], load_hub_task, str(repo2), **kw)
-    raises(["split 'test'", "column 'y'", "row 1", "label 7", "outside [0, 2)"], load_hub_task, str(repo2),
+    # a hub split's rows are counted from 1: the second row is row 2
+    raises(["split 'test'", "column 'y' (used as 'label') row 2: label 7", "outside [0, 2)"], load_hub_task, str(repo2),
            label_names=["no", "yes"], **kw)
 
 

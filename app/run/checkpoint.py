@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,14 @@ from strategies.records import SCHEMA_VERSION, RecordError, RoundRecord, read_re
 # says how far a phase is, how many rounds to go).
 RESUMABLE_KEYS = ("resume", "resume_allow_config_change", "rounds", "federation.progress_s", "simulation.client_cpus",
                   "simulation.client_gpus", "simulation.ray_cpus")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, not JSON, a key missing); the message names the file."""
+
+
+# state.json's keys and the JSON type each must have
+STATE_KEYS = {"round": int, "rng_state": list, "history": list, "config": dict}
 
 
 @dataclass
@@ -72,7 +81,7 @@ def load_latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     complete = sorted(p for p in run_dir.glob("ckpt-*") if (p / "state.json").exists())
     if not complete:
         return None
-    state = json.loads((complete[-1] / "state.json").read_text())
+    state = read_state(complete[-1] / "state.json")
     try:  # the history's records carry their own version; the state file's is checked with them
         if state.get("schema", 1) > SCHEMA_VERSION:
             raise RecordError(f"checkpoint schema {state['schema']} is newer than this version reads ({SCHEMA_VERSION})")
@@ -80,9 +89,38 @@ def load_latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     except RecordError as exc:
         raise RecordError(f"{complete[-1] / 'state.json'}: {exc}") from None
     fusion_file = complete[-1] / "fusion.safetensors"
-    return Checkpoint(state["round"], load_file(str(complete[-1] / "body.safetensors")),
+    return Checkpoint(state["round"], read_tensors(complete[-1] / "body.safetensors"),
                       _tuples(state["rng_state"]), history, state["config"],
-                      load_file(str(fusion_file)) if fusion_file.exists() else {})
+                      read_tensors(fusion_file) if fusion_file.exists() else {})
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, checked: a JSON object with every key of STATE_KEYS, of its type, and a random
+    state that ``random.setstate`` accepts; CheckpointError naming the file and the problem otherwise."""
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is damaged (truncated?)") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, found {type(state).__name__}")
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CheckpointError(f"{path}: key {key!r} is missing or not a {kind.__name__} "
+                                  f"(found {type(state.get(key)).__name__})")
+    try:
+        random.Random().setstate(_tuples(state["rng_state"]))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{path}: key 'rng_state' is not a random state ({exc})") from None
+    return state
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; CheckpointError naming it when it is missing or damaged."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError (truncation, bad header), or OSError
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({type(exc).__name__}: {exc}); "
+                              "the file is damaged (truncated?) or missing") from None
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -117,7 +155,7 @@ def resume_checkpoint(resume_dir: str | Path, current: Mapping[str, Any], allow_
 
     try:
         checkpoint = load_latest_checkpoint(Path(resume_dir))
-    except RecordError as exc:
+    except (RecordError, CheckpointError) as exc:
         raise ConfigError(f"resume={resume_dir}: {exc}") from None
     if checkpoint is None:
         raise ConfigError(f"resume={resume_dir}: no complete checkpoint (ckpt-NNNN/) in that directory")

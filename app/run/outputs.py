@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,39 @@ from omegaconf import DictConfig, OmegaConf
 from strategies.records import RoundRecord, read_records
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class OutputDirError(ValueError):
+    """An output directory that cannot be created or written to; the message names it and why (exit 2)."""
+
+
+def writable_dir(directory: str | Path, what: str = "output directory") -> Path:
+    """``directory`` (resolved), created if need be and proven writable with a probe file; else OutputDirError.
+
+    Proving it by writing is the only check that holds for root (who ignores permission bits), /proc or a
+    read-only mount: ``os.access`` answers yes to root on a read-only file system."""
+    path = Path(directory).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputDirError(f"{what} {path} cannot be created or written: {_why(path, exc)}") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputDirError(f"{what} {path} cannot be created or written: no file can be created in it "
+                             f"({exc.strerror or exc}: read-only or a virtual file system?)") from None
+    return path
+
+
+def _why(path: Path, exc: OSError) -> str:
+    """The reason in words: the part of the path that is a file, or the system's message."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                return f"{part} is a file, not a directory"
+            break
+    return exc.strerror or str(exc)
 
 
 class RunOutputs:
@@ -26,7 +60,7 @@ class RunOutputs:
         path = Path(directory).expanduser().resolve()
         if (path / METRICS_FILE).exists():
             raise FileExistsError(f"output directory {path} already holds a run's results; choose another")
-        path.mkdir(parents=True, exist_ok=True)
+        writable_dir(path, "run directory")
         (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         return cls(path)
 
