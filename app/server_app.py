@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from logging import INFO
 
+from typing import Mapping
+
 from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+
+from omegaconf import DictConfig
 
 from app.run.config import compose_config
 from app.run.server import ServerRun, round_configs
@@ -18,11 +22,16 @@ from app.run.server import ServerRun, round_configs
 app = ServerApp()
 
 
+def compose_run_config(run_config: Mapping[str, object]) -> DictConfig:
+    """conf/ composed with the run config's bridge keys: ``overrides`` is the JSON list the launchers send (every
+    override exactly as given), or a space-separated string written by hand for ``flwr run --run-config``."""
+    return compose_config(str(run_config.get("experiment", "")), str(run_config.get("overrides", "")))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_config = context.run_config
-    cfg = compose_config(str(run_config.get("experiment", "")), str(run_config.get("overrides", "")))
-    run = ServerRun.open(cfg, str(run_config["output-dir"]), context.run_id)
+    cfg = compose_run_config(context.run_config)
+    run = ServerRun.open(cfg, str(context.run_config["output-dir"]), context.run_id)
     log(INFO, "ColD Fusion run %s: outputs in %s", context.run_id, run.outputs.dir)
     train_config, evaluate_config = round_configs(cfg, run.model_spec)
     result = run.strategy.start(

@@ -51,6 +51,15 @@ def _exec(command: list[str], env: dict[str, str]) -> None:
     os.execvpe(command[0], command, env)
 
 
+def _device_form(value: str) -> str:
+    """``--device``: a form torch runs on here (whether this machine has it is checked when the node trains)."""
+    from app.run.config import DEVICE_FORM
+
+    if not DEVICE_FORM.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
 def _operator_env(args) -> dict[str, str]:
     home = Path(args.flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
     return flwr_env(home.resolve())
@@ -112,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--task", default=None, help="task name (default: meta.json name, then the directory name)")
     p.add_argument("--role", choices=("contributing", "heldout"), default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the server's client.device)")
+    p.add_argument("--device", default=None, type=_device_form,
+                   help="auto, cpu, cuda, cuda:N or mps (default: the server's client.device)")
     p.add_argument("--port", type=int, default=9400, help="local ClientAppIo port; one per SuperNode on a host")
 
     args = parser.parse_args(argv)
@@ -159,18 +169,21 @@ def _dispatch(args) -> int:
 def _run(args) -> int:
     import tempfile
 
-    from app.run.config import ConfigError, compose_config
+    from app.run.config import ConfigError, compose_config, encode_overrides
     from app.run.superlink import RunTimeoutError, run_timeout, submit_run
 
     overrides = [o for o in args.overrides if not o.startswith("federation.expected_nodes=")]
     overrides.append(f"federation.expected_nodes={args.nodes}")
-    try:  # a bad key fails here; and the run is bounded by federation.run_timeout_s
+    try:  # a bad key fails here (exit 2, a user error); and the run is bounded by federation.run_timeout_s
         timeout_s = run_timeout(compose_config(args.experiment, overrides))
     except ConfigError as exc:
-        raise DeployError(str(exc)) from None
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     output_dir = args.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    run_config = {"experiment": args.experiment, "overrides": " ".join(overrides), "output-dir": str(output_dir)}
+    # a JSON list: the ServerApp gets every override exactly as given (spaces, quotes, dicts)
+    run_config = {"experiment": args.experiment, "overrides": encode_overrides(overrides),
+                  "output-dir": str(output_dir)}
     workdir = Path(tempfile.mkdtemp(prefix="deploy-run-"))
     try:
         run_id, status = submit_run(_operator_env(args), run_config, None, workdir, connection=args.connection,

@@ -29,7 +29,7 @@ from pathlib import Path
 from rich.console import Console
 
 from app.report import summary_table
-from app.run.config import compose_config
+from app.run.config import compose_config, encode_overrides
 from app.run.outputs import read_round_records
 from app.run.superlink import (
     default_output_root,
@@ -162,7 +162,7 @@ def start_deployment(processes: Processes, workdir: Path, layout: dict, operator
 def run(deployment: dict, overrides: list[str], workdir: Path) -> tuple[int, str, Path | None]:
     outputs = deployment["outputs"]
     outputs.mkdir(parents=True, exist_ok=True)
-    run_config = {"experiment": "", "overrides": " ".join(overrides), "output-dir": str(outputs.resolve())}
+    run_config = {"experiment": "", "overrides": encode_overrides(overrides), "output-dir": str(outputs.resolve())}
     run_id, status = submit_run(deployment["env"], run_config, None, workdir / "operator", connection=CONNECTION,
                                 timeout_s=run_timeout(compose_config("", overrides)))
     run_dirs = sorted(outputs.glob(f"*-run{run_id}"))

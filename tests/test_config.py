@@ -1,9 +1,10 @@
+import json
 import re
 
 import pytest
 from omegaconf import OmegaConf
 
-from app.run.config import CONF_DIR, ConfigError, compose_config, to_container
+from app.run.config import CONF_DIR, ConfigError, compose_config, encode_overrides, split_overrides, to_container
 
 
 def test_defaults_compose_to_the_paper_like_default_run():
@@ -23,7 +24,28 @@ def test_overrides_and_experiments_change_conf():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("no_such_key=1", "Could not override 'no_such_key'"),
+    ("no_such_key=1", "unknown config key 'no_such_key': conf/ has no such key"),
+    # the fix Hydra itself suggests for an unknown key ('+' adds it) is refused too, with the close match
+    ("roundz=3", "unknown config key 'roundz': conf/ has no such key, and an override cannot add one (with or "
+                 "without '+'); did you mean 'rounds'?"),
+    ("+roundz=3", "unknown config key 'roundz': conf/ has no such key, and an override cannot add one (with or "
+                  "without '+'); did you mean 'rounds'?"),
+    ("++roundz=3", "unknown config key 'roundz'"),
+    ("+client.lrr=1", "unknown config key 'client.lrr': conf/ has no such key, and an override cannot add one "
+                      "(with or without '+'); did you mean 'client.lr'?"),
+    ("+model.tiny.hidden=3", "unknown config key 'model.tiny.hidden'"),
+    ("+eval.probe.foo=1", "unknown config key 'eval.probe.foo'"),
+    ("+tasks.num_task=8", "unknown config key 'tasks.num_task': conf/ has no such key, and an override cannot add "
+                          "one (with or without '+'); did you mean 'tasks.num_tasks'?"),
+    ("~rounds", "config key 'rounds' was deleted (~rounds): the run needs every key of conf/"),
+    ("client.lr=???", "config keys ['client.lr'] have no value: set them in conf/ or as overrides"),
+    ("experiment=quick experiment=tiny_sweep", "config group 'experiment' is set 2 times (experiment=quick, "
+                                               "experiment=tiny_sweep)"),
+    ("client.device=gpu", "config key 'client.device' has invalid value 'gpu': must be 'auto', 'cpu', 'cuda', "
+                          "'cuda:N' or 'mps'"),
+    ("client.device=cuda:", "config key 'client.device' has invalid value 'cuda:'"),
+    ("client.device=cuda:x", "config key 'client.device' has invalid value 'cuda:x'"),
+    ("client.device=CPU", "config key 'client.device' has invalid value 'CPU'"),
     ("rounds=abc", "config key 'rounds' must be int, got 'abc'"),
     ("rounds=-1", "config key 'rounds' has invalid value -1"),
     ("eval.finetune.every=0", "'eval.finetune.every' has invalid value 0: must be k >= 1, 'first_last' or null"),
@@ -59,6 +81,56 @@ def test_overrides_and_experiments_change_conf():
 def test_bad_overrides_fail_with_a_message_naming_them(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         compose_config("", override)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_every_device_form_torch_runs_on_is_accepted(device):
+    assert compose_config("", [f"client.device={device}"]).client.device == device
+
+
+def test_an_experiment_given_as_argument_and_as_override_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("config group 'experiment' is set 2 times (experiment=quick, "
+                                                    "+experiment=tiny_sweep)")):
+        compose_config("quick", ["+experiment=tiny_sweep"])
+
+
+def test_keys_that_exist_may_be_forced_and_free_mappings_may_grow():
+    """'++' on a key of conf/ sets it; '+' adds an entry to a mapping whose keys are names (faults.slow)."""
+    cfg = compose_config("", ["++rounds=4", "faults.slow={t0: 2}", "+faults.slow.t1=3"])
+    assert cfg.rounds == 4 and dict(cfg.faults.slow) == {"t0": 2, "t1": 3}
+
+
+# Overrides that a space-joined string would break: a path with a space, quotes and a comma; a dict value.
+AWKWARD = ["tasks=shared_data", "tasks.data_root='/tmp/my data, \\'quoted\\''", "faults.slow={t0: 2, t1: 1.5}",
+           "rounds=3"]
+
+
+def test_encoded_overrides_come_back_exactly_and_compose_as_given():
+    encoded = encode_overrides(AWKWARD)
+    assert split_overrides(encoded) == AWKWARD
+    assert json.loads(encoded) == AWKWARD  # the oracle: plain JSON
+    cfg = compose_config("", encoded)  # what the ServerApp does with the run config's `overrides`
+    assert cfg.tasks.data_root == "/tmp/my data, 'quoted'"
+    assert dict(cfg.faults.slow) == {"t0": 2, "t1": 1.5} and cfg.rounds == 3
+
+
+def test_a_hand_written_space_separated_overrides_string_still_works():
+    """``flwr run . --run-config 'overrides="rounds=3 ..."'``: split as a shell would, quotes respected."""
+    assert split_overrides("rounds=3  contributors_per_round=4") == ["rounds=3", "contributors_per_round=4"]
+    assert split_overrides("tasks.data_root='/my data' rounds=1") == ["tasks.data_root=/my data", "rounds=1"]
+    assert split_overrides("") == [] and split_overrides(None) == []
+    cfg = compose_config("", "rounds=3 contributors_per_round=4")
+    assert (cfg.rounds, cfg.contributors_per_round) == (3, 4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ('["rounds=3"', "run config 'overrides' is not a valid JSON list"),
+    ('["rounds=3", 4]', "run config 'overrides' must be a JSON list of strings"),
+    ("rounds=3 'unclosed", "run config 'overrides' cannot be split (No closing quotation)"),
+])
+def test_a_malformed_overrides_string_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        split_overrides(overrides)
 
 
 def test_a_partial_early_stopping_rule_names_what_it_lacks():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import time
 
@@ -245,13 +246,28 @@ def deployment(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_three_sites_complete_two_rounds_over_tls_with_node_auth(deployment):
-    from app.run.outputs import read_metrics
-    from deploy.rehearsal import check_report, run, small_overrides
+def test_three_sites_complete_two_rounds_over_tls_with_node_auth(deployment, capsys):
+    """Through the operator's CLI (``python -m deploy run``), with overrides a space-joined run config would break:
+    a model cache path with a space (the ServerApp and every site build the model there) and a dict value."""
+    import yaml
 
-    run_id, status, run_dir = run(deployment, small_overrides(2, 3), deployment["workdir"])
-    assert status == "finished:completed"
-    assert run_dir is not None and (run_dir / "model" / "model.safetensors").is_file()
+    from app.run.outputs import read_metrics
+    from deploy.__main__ import main as deploy_main
+    from deploy.rehearsal import check_report, small_overrides
+
+    cache = deployment["workdir"] / "operator" / "model cache"
+    slow = {"site1_sentiment": 1.5, "site2_topic": 2}  # faults.enabled=false: recorded, never acted on
+    code = deploy_main(["run", "--connection", "rehearsal", "--nodes", "3", "--output-dir", str(deployment["outputs"]),
+                        "--flwr-home", deployment["env"]["FLWR_HOME"], *small_overrides(2, 3),
+                        f"model.cache_dir={cache}", "faults.slow={site1_sentiment: 1.5, site2_topic: 2}"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    run_id = int(re.search(r"^run (\d+): finished:completed$", out, re.MULTILINE).group(1))
+    run_dir = sorted(deployment["outputs"].glob(f"*-run{run_id}"))[-1]
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["model"]["cache_dir"] == str(cache) and written["faults"]["slow"] == slow
+    assert [p.name for p in cache.glob("tiny-*")], f"nothing was built in {cache}"
     assert check_report(run_dir) == []
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
@@ -350,11 +366,62 @@ def test_the_sites_device_setting_wins_over_the_servers(tiny_cfg, tiny_path, sit
     """A site without a GPU says device=cpu; the server's client.device (here cuda) does not apply there."""
     body = initial_body(tiny_path)
     entry = json.dumps({"name": "clinic_notes", "path": str(site["data"]), "source": "local"}, sort_keys=True)
+    context = _context(site, run_id=31)  # first: a Message needs the task identity it sets
     train, _evaluate = _messages(tiny_cfg, body, entry, 1)
     recipe = json.loads(str(train.content["config"]["recipe"]))
     train.content["config"]["recipe"] = json.dumps({**recipe, "device": "cuda:7"})
-    context = _context(site, run_id=31)
     context.node_config["device"] = "cpu"
     reply = client_app(train, context)
     assert not reply.has_error(), reply.error
     assert SiteState(site["state"]).contributions()[-1]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("site_setting, server_setting, message", [
+    (None, "cuda", "the server's client.device='cuda' is not available on this site: torch sees 0 CUDA device(s) "
+                   "here; set the site's device (node config device=cpu, `python -m deploy supernode ... --device cpu`)"),
+    ("cuda:1", "cpu", "this site's node config device='cuda:1' is not available on this site: torch sees 1 CUDA "
+                      "device(s) here; set the site's device"),
+    ("gpu", "cpu", "this site's node config device='gpu' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+])
+def test_a_device_the_site_does_not_have_is_refused_before_training(site_setting, server_setting, message, tiny_cfg,
+                                                                     tiny_path, site, monkeypatch):
+    """In a deployment the site decides where it trains: a device it lacks is refused with the setting to change."""
+    from app.site.contributor import DeviceError
+
+    seen = 0 if server_setting == "cuda" else 1  # what torch "sees" here: the oracle, not this machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: seen > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: seen)
+    entry = json.dumps({"name": "clinic_notes", "path": str(site["data"]), "source": "local"}, sort_keys=True)
+    _context(site, run_id=41)  # a Message needs the task identity a context sets
+    train, evaluate = _messages(tiny_cfg, initial_body(tiny_path), entry, 1)
+    for message_ in (train, evaluate):
+        recipe = json.loads(str(message_.content["config"]["recipe"]))
+        message_.content["config"]["recipe"] = json.dumps({**recipe, "device": server_setting})
+        context = _context(site, run_id=41)  # a fresh one per message, as in a deployment
+        if site_setting:
+            context.node_config["device"] = site_setting
+        with pytest.raises(DeviceError, match=re.escape(message)):
+            client_app(message_, context)
+    assert SiteState(site["state"]).contributions() == []  # nothing trained
+
+
+def test_deploy_supernode_refuses_a_device_that_is_no_device(capsys):
+    from deploy.__main__ import main as deploy_main
+
+    with pytest.raises(SystemExit) as info:
+        deploy_main(["supernode", "--superlink", "h:1", "--ca", "ca.crt", "--key", "k", "--data-dir", "d",
+                     "--state-dir", "s", "--device", "gpu0"])
+    assert info.value.code == 2
+    assert "argument --device: 'gpu0' is not a device: use auto, cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+
+
+def test_deploy_run_refuses_an_unknown_key_with_exit_2_before_submitting(tmp_path, capsys, monkeypatch):
+    import deploy.__main__ as deploy_cli
+
+    def tripwire(*_args, **_kwargs):
+        raise AssertionError("deploy run submitted a run: the bad key was not caught before")
+    monkeypatch.setattr("app.run.superlink.submit_run", tripwire)
+    code = deploy_cli.main(["run", "--nodes", "3", "--output-dir", str(tmp_path / "out"), "+roundz=3"])
+    assert code == 2
+    assert "error: unknown config key 'roundz'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 import app.run.launch as launch
 import app.run.superlink as superlink
 from app.run.config import compose_config
 from app.run.launch import RunTimeoutError, main, run_timeout, submit_run
 from app.learning.model import ModelLoadError, resolve_model
+from app.run.outputs import read_metrics
 
 
 @pytest.fixture()
@@ -39,7 +45,8 @@ def write_dataset(root: Path, meta: dict, train: list[dict], test: list[dict] | 
 
 
 META = {"name": "toy", "task": "classification", "label_names": ["negative", "positive"], "sentence_pair": False}
-ROWS = [{"text": f"sentence number {i}", "label": i % 2} for i in range(8)]
+# Words of the tiny model's vocabulary: the launcher refuses text its tokenizer reads as mostly <unk>.
+ROWS = [{"text": f"gloukek gokoul vebek laglaigem {i}", "label": i % 2} for i in range(8)]
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +70,7 @@ def test_a_label_out_of_range_fails_before_anything_starts(tmp_path, capsys, not
     code, text = run_launcher(capsys, tmp_path / "data", out, "tasks.contributing=[good,toy]")
     assert code == 2
     train = tmp_path / "data" / "toy" / "train.jsonl"
-    assert f"error: {train}: column 'label' row 8: label 5 is outside [0, 2)" in text
+    assert f"error: {train}: column 'label' line 9: label 5 is outside [0, 2)" in text
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -95,6 +102,109 @@ def test_a_model_path_that_does_not_exist_is_named_as_such(tmp_path, capsys, not
     assert "model.name_or_path='/nonexistent': no such directory, and not a hub id" in text
     assert "alphanumeric" not in text
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------- overrides and client.device, end to end
+@pytest.mark.parametrize("overrides, message", [
+    (["+roundz=3"], "unknown config key 'roundz': conf/ has no such key, and an override cannot add one (with or "
+                    "without '+'); did you mean 'rounds'?"),
+    (["experiment=quick", "rounds=1", "experiment=tiny_sweep"],
+     "config group 'experiment' is set 2 times (experiment=quick, experiment=tiny_sweep)"),
+    (["client.device=gpu"], "config key 'client.device' has invalid value 'gpu'"),
+])
+def test_an_unknown_key_a_second_experiment_or_a_bad_device_exits_2_before_anything_starts(
+        overrides, message, tmp_path, capsys, nothing_starts):
+    assert main([*overrides, "--output-dir", str(tmp_path)]) == 2
+    assert f"error: {message}" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture()
+def gpus(monkeypatch):
+    """Pretend torch sees ``n`` CUDA devices (the oracle of the check: set here, not read from the machine)."""
+    import torch
+
+    def see(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    return see
+
+
+@pytest.mark.parametrize("seen, device, message", [
+    (0, "cuda", "config key 'client.device' is 'cuda', but torch sees 0 CUDA device(s) on this machine"),
+    (2, "cuda:2", "config key 'client.device' is 'cuda:2', but torch sees 2 CUDA device(s) on this machine"),
+])
+def test_a_gpu_device_torch_cannot_see_is_refused_before_the_superlink_starts(seen, device, message, gpus, tmp_path,
+                                                                           capsys, nothing_starts):
+    gpus(seen)
+    assert main([f"client.device={device}", "simulation.client_gpus=0.5", "--output-dir", str(tmp_path)]) == 2
+    assert f"error: {message}: use client.device=auto" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_gpu_device_needs_ray_to_hand_the_clients_a_gpu(gpus, tmp_path, capsys, nothing_starts):
+    gpus(1)
+    assert main(["client.device=cuda:0", "--output-dir", str(tmp_path)]) == 2  # simulation.client_gpus=0
+    assert "config key 'client.device' is 'cuda:0' with simulation.client_gpus=0: Ray hides" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seen, device", [(0, "cpu"), (0, "auto"), (1, "cuda"), (2, "cuda:1")])
+def test_a_device_torch_sees_passes_the_check(seen, device, gpus):
+    gpus(seen)
+    launch.check_device(compose_config("", [f"client.device={device}", "simulation.client_gpus=0.25"]))
+
+
+def test_the_serverapp_gets_every_override_exactly_as_the_launcher_was_given_it(tmp_path, monkeypatch, capsys):
+    """A path with a space and a comma, and a dict value, survive the run config: the ServerApp's composition of
+    it (app/server_app.py) equals the launcher's. Stand-ins for Flower capture the run config."""
+    from app.server_app import compose_run_config
+
+    data = tmp_path / "my data, too"
+    for name in ("one", "two"):
+        write_dataset(data / name, {**META, "name": name}, ROWS)
+    sent = {}
+
+    @contextmanager
+    def superlink(*_args, **_kwargs):
+        yield {}
+
+    def capture(_env, run_config, *_args, **_kwargs):
+        sent.update(run_config)
+        return 5, "finished:completed"
+    monkeypatch.setattr(launch, "simulation_superlink", superlink)
+    monkeypatch.setattr(launch, "submit_run", capture)
+    monkeypatch.chdir(tmp_path)  # a relative data_root: the launcher hands the ServerApp its absolute path
+    # Hydra's quotes keep the comma in the value (as a shell user writes "tasks.data_root='my data, too'")
+    code, text = run_launcher(capsys, "'my data, too'", tmp_path / "out", "tasks.contributing=[one,two]",
+                              "faults.slow={one: 2, two: 1.5}", "rounds=1", "contributors_per_round=2")
+    assert code == 0, text  # the stand-in says the run completed
+    served = compose_run_config(sent)
+    assert served.tasks.data_root == str(data)  # the oracle: the directory written above
+    assert dict(served.faults.slow) == {"one": 2, "two": 1.5} and list(served.tasks.contributing) == ["one", "two"]
+    assert served.rounds == 1 and sent["output-dir"] == str((tmp_path / "out").resolve())
+
+
+@pytest.mark.slow
+def test_coldfusion_sim_passes_a_path_with_a_space_and_a_dict_value_to_the_run(tmp_path, cache_dir):
+    """The real CLI, as a shell runs it: the nodes load their datasets from a directory with a space, and the run
+    records the dict value. rounds=0: the start model is probed on every task, which is all this needs."""
+    from deploy.tooling import write_local_dataset
+
+    data = tmp_path / "my data"
+    for name, synthetic in (("alpha", "syn00_sentiment"), ("beta", "syn01_topic"), ("gamma", "syn08_same_sent")):
+        write_local_dataset(data / name, synthetic, name=name, train_size=60, test_size=30)
+    out = tmp_path / "out"
+    command = (f"{Path(sys.executable).parent / 'coldfusion-sim'} experiment=tiny_sweep rounds=0 tasks=shared_data "
+               f"tasks.data_root={shlex.quote(str(data))} 'tasks.contributing=[alpha, beta]' 'tasks.heldout=[gamma]' "
+               f"'faults.slow={{alpha: 2, beta: 1.5}}' eval.probe.max_train_examples=60 --output-dir {out}")
+    env = {**os.environ, "COLDFUSION_CACHE": str(cache_dir)}
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = out.glob("*-run*")
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["tasks"]["data_root"] == str(data) and written["faults"]["slow"] == {"alpha": 2, "beta": 1.5}
+    (start,) = read_metrics(run_dir)
+    assert set(start["probe"]) == {"alpha", "beta", "gamma"}  # every node loaded its data from the spaced path
 
 
 @pytest.mark.parametrize("name", ["/nonexistent/model", "./no-such-model", "~/no/such/model", "../nowhere"])

@@ -133,6 +133,7 @@ def contribute(config: Mapping[str, Any], received: dict[str, torch.Tensor], nod
     """Load the received body, attach this task's own head, finetune both, and return the body."""
     arrived = time.time()  # the handler's start; in a deployment the process is new, so see process_age()
     recipe = json.loads(str(config["recipe"]))
+    device = site_device(node_config, str(recipe["device"]))  # before any work: a device this site lacks
     info, path, tokenizer, data = _prepare(config, int(recipe["max_length"]))
     server_round, seed = int(config["server-round"]), int(config["seed"])
     keep_head = recipe["head_policy"] == "keep"
@@ -147,7 +148,6 @@ def contribute(config: Mapping[str, Any], received: dict[str, torch.Tensor], nod
     before_training(fault, faults)
     heads = HeadStore(run_state, node_config, run_id, info.name, str(recipe.get("head_scope", "run")))
     head_origin = heads.load_into(model) if keep_head else "reinit"
-    device = pick_device(_device(node_config, recipe["device"]))
     train_set, dev_set = data["train"], None
     stopping = recipe.get("early_stopping")
     if stopping:
@@ -182,10 +182,10 @@ def score_body(config: Mapping[str, Any], body: dict[str, torch.Tensor],
                node_config: Mapping[str, Any]) -> dict[str, float]:
     """The received body's scores on this task in each view asked for (``view.metric`` -> value)."""
     settings, recipe = json.loads(str(config["eval"])), json.loads(str(config["recipe"]))
+    device = site_device(node_config, str(recipe["device"]))
     info, path, tokenizer, data = _prepare(config, int(recipe["max_length"]))
     seed = split_seed(int(config["seed"]), info.name)  # the same splits and fresh heads in every round
     few_shot = settings.get("few_shot") if str(config["role"]) == "heldout" else None
-    device = pick_device(_device(node_config, str(recipe["device"])))
     metrics: dict[str, float] = {"num-examples": len(data["test"])}
     body = decode(body, str(config.get("transport", "float32")), model_body_dtypes(path))
     for view in str(config["views"]).split(","):
@@ -210,9 +210,28 @@ def split_seed(seed: int, task: str) -> int:
     return derive_seed(seed, task, "splits", 0)
 
 
-def _device(node_config: Mapping[str, Any], server_choice: str) -> str:
-    """The site's own ``device`` node config wins over the server's ``client.device``."""
-    return str(node_config.get("device") or server_choice)
+class DeviceError(RuntimeError):
+    """The device this site is asked to train on does not exist here; the message says which setting to change."""
+
+
+def site_device(node_config: Mapping[str, Any], server_choice: str) -> torch.device:
+    """The site's own ``device`` node config wins over the server's ``client.device``; a device this machine
+    does not have is refused, naming the setting that asked for it (the site decides where it trains)."""
+    name = str(node_config.get("device") or server_choice)
+    source = (f"this site's node config device={name!r}" if node_config.get("device")
+              else f"the server's client.device={name!r}")
+    fix = "set the site's device (node config device=cpu, `python -m deploy supernode ... --device cpu`)"
+    try:
+        device = pick_device(name)
+    except RuntimeError:  # torch's own refusal of a string that names no device
+        raise DeviceError(f"{source} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise DeviceError(f"{source} is not available on this site: torch sees {count} CUDA device(s) here; {fix}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{source} is not available on this site: torch sees no MPS device here; {fix}")
+    return device
 
 
 def _prepare(config: Mapping[str, Any], max_length: int):
