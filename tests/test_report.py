@@ -9,8 +9,10 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from app.report import PNG_MAGIC, main, saved_model_record, write_model_card, write_report
@@ -98,28 +100,119 @@ def _row(markdown: str, first_cell: str) -> list[str]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in rows]
 
 
+def _jsonl(run: Path) -> list[dict]:
+    """The run's records, read straight from metrics.jsonl: the oracles below recompute from this."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _oracle_means(records: list[dict], view: str) -> dict[str, list[tuple[int, float]]]:
+    """Per role, (round, mean primary score x 100) of the rounds that scored ``view``: classification tasks only
+    (a regression task is one scored by Pearson r), recomputed from the per-task scores."""
+    out: dict[str, list[tuple[int, float]]] = {"contributing": [], "heldout": []}
+    for r in records:
+        regression = {t for t, m in r["scores"][view].items() if "pearson" in m}
+        for role, series in out.items():
+            values = [v for t, v in r[view].items() if r["roles"][t] == role and t not in regression]
+            if values:
+                series.append((r["round"], 100 * sum(values) / len(values)))
+    return out
+
+
 def test_csv_has_every_metric_in_long_format(run_dir, baseline_dir):
     report = write_report(run_dir, {"multitask": baseline_dir})
     assert report == run_dir / "report" / "report.md"
     with open(run_dir / "report" / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["round", "view", "task", "role", "metric", "value"]
-    # probe: 3 rounds x 4 tasks x 2 metrics; finetune: 2 rounds x 4 tasks x (2 metrics + steps, examples, stopped)
-    assert len(rows) == 3 * 4 * 2 + 2 * 4 * 5
-    index = {(int(r["round"]), r["view"], r["task"], r["metric"]): r for r in rows}
-    assert float(index[(2, "finetune", "rte", "accuracy")]["value"]) == pytest.approx(0.58)
-    assert index[(2, "finetune", "rte", "accuracy")]["role"] == "heldout"
-    assert float(index[(1, "probe", "stsb", "pearson")]["value"]) == pytest.approx(0.35)
-    assert float(index[(0, "probe", "sst2", "macro_f1")]["value"]) == pytest.approx(0.58)
-    assert not any(r["view"] == "finetune" and r["round"] == "1" for r in rows)  # finetune did not run at round 1
+    # oracle: every (round, view, task, metric) value of metrics.jsonl, with the task's role, and nothing else
+    oracle = {(r["round"], view, task, metric): (r["roles"][task], value) for r in _jsonl(run_dir)
+              for view, tasks in r["scores"].items() for task, metrics in tasks.items()
+              for metric, value in metrics.items()}
+    got = {(int(r["round"]), r["view"], r["task"], r["metric"]): (r["role"], float(r["value"])) for r in rows}
+    # probe: 3 rounds x 4 tasks x 2 metrics; finetune: rounds 0, 2 x 4 tasks x (2 metrics + 3 counts); no row twice
+    assert len(got) == len(rows) == len(oracle) == 3 * 4 * 2 + 2 * 4 * 5
+    assert got.keys() == oracle.keys()
+    for key, (role, value) in oracle.items():
+        assert got[key][0] == role and got[key][1] == pytest.approx(value, abs=1e-12), key
 
 
-def test_plots_are_real_pngs(run_dir, baseline_dir):
+@pytest.fixture
+def figures(monkeypatch) -> dict[str, object]:
+    """File name -> the matplotlib Figure saved to it, so that a test reads back what a plot drew."""
+    figures, save = {}, Figure.savefig
+
+    def saving(fig, path, *args, **kwargs):
+        figures[Path(path).name] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", saving)
+    return figures
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (the first one, after the 8-byte signature)."""
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plots_are_pngs_of_the_figures_and_views_vs_rounds_draws_the_means(run_dir, baseline_dir, figures):
     write_report(run_dir, {"multitask": baseline_dir})
-    for name in ("views_vs_rounds.png", "seen_unseen.png", "task_gain.png"):
-        data = (run_dir / "report" / name).read_bytes()
-        assert data[:8] == PNG_MAGIC, name
-        assert len(data) > 10_000, name  # axes, bars and labels, not an empty canvas
+    assert set(figures) == {"views_vs_rounds.png", "seen_unseen.png", "task_gain.png"}
+    for name, fig in figures.items():  # the file is that figure, rendered at the report's 110 dpi
+        width, height = (round(110 * x) for x in fig.get_size_inches())
+        assert _png_size((run_dir / "report" / name).read_bytes()) == (width, height), name
+        assert len(fig.axes) == 2, name  # one panel per view that ran: probe and finetune
+    # views vs rounds: each role's mean per round, and the baseline's final means as flat lines
+    records, baseline = _jsonl(run_dir), _jsonl(baseline_dir)
+    for ax, view in zip(figures["views_vs_rounds.png"].axes, ("probe", "finetune")):
+        lines = {line.get_label(): line.get_xydata().tolist() for line in ax.lines}
+        oracle, base = _oracle_means(records, view), _oracle_means(baseline, view)
+        assert set(lines) == {"ColD Fusion, seen", "ColD Fusion, unseen", "multitask, seen", "multitask, unseen"}
+        for role, word in (("contributing", "seen"), ("heldout", "unseen")):
+            np.testing.assert_allclose(lines[f"ColD Fusion, {word}"], oracle[role], err_msg=f"{view} {role}")
+            assert [y for _, y in lines[f"multitask, {word}"]] == pytest.approx([base[role][-1][1]] * 2), (view, role)
+
+
+def test_seen_unseen_bars_are_the_start_and_final_means(run_dir, figures):
+    """The hand-made records have no dev scores, so no "best" bar: exactly a start and a final bar per role."""
+    write_report(run_dir)
+    records = _jsonl(run_dir)
+    for ax, view in zip(figures["seen_unseen.png"].axes, ("probe", "finetune")):
+        oracle = _oracle_means(records, view)
+        expected = sorted((f"{y:.1f}\nr{n}", y) for role in ("contributing", "heldout")
+                          for n, y in (oracle[role][0], oracle[role][-1]))  # start (round 0), final (round 2)
+        bars = sorted(zip((t.get_text() for t in ax.texts), (p.get_height() for p in ax.patches)))
+        assert [b[0] for b in bars] == [e[0] for e in expected], view
+        assert [b[1] for b in bars] == pytest.approx([e[1] for e in expected]), view
+
+
+def test_task_gain_bars_are_each_tasks_final_minus_start(run_dir, figures):
+    write_report(run_dir)
+    first, last = _jsonl(run_dir)[0], _jsonl(run_dir)[-1]
+    for ax, view in zip(figures["task_gain.png"].axes, ("probe", "finetune")):
+        labels = [t.get_text().removesuffix(" (r)") for t in ax.get_yticklabels()]
+        gains = dict(zip(labels, (p.get_width() for p in ax.patches)))
+        assert gains == pytest.approx({t: 100 * (last[view][t] - first[view][t]) for t in first[view]}), view
+        assert [gains[t] for t in labels] == sorted(gains.values())  # drawn in order of gain
+
+
+def test_report_tables_are_the_numbers_of_metrics_jsonl(run_dir):
+    """Every number of the per-round and per-task tables, recomputed from metrics.jsonl."""
+    text = write_report(run_dir).read_text()
+    records = _jsonl(run_dir)
+    cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    means = {view: {role: dict(series) for role, series in _oracle_means(records, view).items()}
+             for view in ("probe", "finetune")}
+    for r in records:  # round, contributors, probe seen/unseen, mean-pool seen/unseen, finetune seen/unseen, ...
+        row = _row(text, str(r["round"]))[0]
+        assert row[1] == str(len(r["contributors"]))
+        assert row[2:4] == [cell(means["probe"][role].get(r["round"])) for role in ("contributing", "heldout")]
+        assert row[6:8] == [cell(means["finetune"][role].get(r["round"])) for role in ("contributing", "heldout")]
+    first, last = records[0], records[-1]
+    for task in first["roles"]:  # the probe's table first, then the finetune's
+        for row, view in zip(_row(text, task), ("probe", "finetune"), strict=True):
+            start, final = 100 * first[view][task], 100 * last[view][task]
+            assert row[3:6] == [f"{start:.1f}", f"{final:.1f}", f"{final - start:+.1f}"], (task, view)
 
 
 def test_report_states_gains_baselines_and_verdicts(run_dir, baseline_dir, tmp_path):

@@ -26,6 +26,29 @@ def assert_uniform_mean(fused, bodies) -> None:
         np.testing.assert_allclose(tensor.numpy().astype(np.float64), oracle, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
+def assert_same_body(a, b) -> None:
+    """Bit for bit: same keys, same dtypes, same values."""
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def _task(message) -> str:
+    return json.loads(str(message.content["config"]["task-entry"]))["name"]
+
+
+def _train_bodies(grid, server_round: int) -> dict[str, dict]:
+    """Task -> the body its node sent back in ``server_round`` (error replies left out)."""
+    sent = {m.metadata.message_id: m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN}
+    out = {}
+    for reply in grid.replies:
+        message = sent.get(reply.metadata.reply_to_message_id)
+        if message is not None and int(message.content["config"]["server-round"]) == server_round \
+                and not reply.has_error():
+            out[_task(message)] = reply.content["arrays"].to_torch_state_dict()
+    return out
+
+
 def _configs(cfg):
     return round_configs(cfg, model_json(cfg))
 
@@ -34,9 +57,11 @@ def _run(cfg, pool, tiny_path, client=client_app, rounds=2, node_id_step=1, arri
     grid = InProcessGrid(client, [{"partition-id": i, "num-partitions": len(pool)} for i in range(len(pool))],
                          node_id_step=node_id_step, arrival=arrival)
     records = []
+    grid.bases = []  # the base standing after each round, as on_round is given it (round 0: the start body)
     kwargs = {"contributors_per_round": 4, **kwargs}
     strategy = ColdFusion(pool=pool, seed=0, node_wait_timeout=5,
-                          on_round=lambda record, arrays: records.append(record), **kwargs)
+                          on_round=lambda record, arrays: (records.append(record),
+                                                           grid.bases.append(arrays.to_torch_state_dict())), **kwargs)
     train, evaluate = _configs(cfg)
     start = ArrayRecord(initial_body(tiny_path))
     result = strategy.start(grid, start, num_rounds=rounds, timeout=60, train_config=train, evaluate_config=evaluate)
@@ -113,32 +138,116 @@ def test_sampling_is_seeded(tiny_cfg, small_pool, tiny_path):
     assert first[1].contributors == second[1].contributors
 
 
-def _failing_client(names):
+def _failing_client(names, rounds=None):
+    """The real ClientApp, except that the train messages of tasks in ``names`` (in ``rounds``; None: every round)
+    get an error reply."""
     def client(message, context):
-
         if message.metadata.message_type == MessageType.TRAIN:
-            task = json.loads(str(message.content["config"]["task-entry"]))["name"]
-            if task in names:
+            task = _task(message)
+            if task in names and (rounds is None or int(message.content["config"]["server-round"]) in rounds):
                 return Message(error=Error(code=0, reason=f"injected failure on {task}"), reply_to=message)
         return client_app(message, context)
     return client
 
 
-def test_error_replies_are_skipped_and_counted(tiny_cfg, small_pool, tiny_path):
+def test_error_replies_are_skipped_and_the_base_is_the_mean_of_the_others(tiny_cfg, small_pool, tiny_path):
     contributing = [e["name"] for e in small_pool if e["role"] == "contributing"]
-    _, _, records, _, _ = _run(tiny_cfg, small_pool, tiny_path, client=_failing_client(set(contributing[::2])), rounds=2)
-    failures = [f for r in records for f in r.failures]
-    assert failures and all("injected failure" in f for f in failures)
+    failing = set(contributing[::2])  # 3 of 6: each round of 4 has at least one failing and one working task
+    grid, _, records, _, _ = _run(tiny_cfg, small_pool, tiny_path, client=_failing_client(failing), rounds=2,
+                                  eval_schedule={"probe": None})
     for record in records[1:]:
-        assert len(record.train_loss) + len(record.failures) == len(record.contributors)
+        failed, working = sorted(set(record.contributors) & failing), sorted(set(record.contributors) - failing)
+        assert failed and working
+        assert record.failures == [f"{t}: error reply: injected failure on {t}" for t in failed]
+        assert record.fused and record.fused_contributors == working and set(record.train_loss) == set(working)
+        bodies = _train_bodies(grid, record.round)
+        assert sorted(bodies) == working
+        assert_uniform_mean(grid.bases[record.round], list(bodies.values()))  # the failed ones count for nothing
+
+
+def test_the_base_is_the_mean_of_exactly_the_contributions_that_pass_validation(tiny_cfg, small_pool, tiny_path):
+    """Every contributing task trains; one sends NaN in one tensor, one an update 100x what it trained. The base
+    must be the numpy mean of the four honest bodies: neither rejected body counts, not even partly."""
+    contributing = sorted(e["name"] for e in small_pool if e["role"] == "contributing")
+    nan_task, scaled_task = contributing[1], contributing[4]
+    key = "encoder.layer.1.attention.self.query.weight"
+
+    def corrupting(message, context):
+        reply = client_app(message, context)
+        if message.metadata.message_type == MessageType.TRAIN and _task(message) in (nan_task, scaled_task):
+            received = message.content["arrays"].to_torch_state_dict()
+            body = reply.content["arrays"].to_torch_state_dict()
+            if _task(message) == nan_task:
+                body[key] = torch.full_like(body[key], float("nan"))
+            else:
+                body = {k: received[k] + 100 * (v - received[k]) if v.is_floating_point() else v
+                        for k, v in body.items()}
+            reply.content["arrays"] = ArrayRecord(body)
+        return reply
+
+    grid, _, records, start, result = _run(tiny_cfg, small_pool, tiny_path, client=corrupting, rounds=1,
+                                           contributors_per_round=None, max_relative_norm=5.0,
+                                           eval_schedule={"probe": None})
+    record, honest = records[1], sorted(set(contributing) - {nan_task, scaled_task})
+    assert sorted(record.contributors) == contributing and not record.failures
+    reasons = {line.split(" (node")[0]: line for line in record.rejections}
+    assert set(reasons) == {nan_task, scaled_task}, record.rejections
+    assert "contains non-finite values" in reasons[nan_task] and "x the reference norm" in reasons[scaled_task]
+    assert record.fused and record.fused_contributors == honest
+    bodies = _train_bodies(grid, 1)
+    final = result.arrays.to_torch_state_dict()
+    assert_uniform_mean(final, [bodies[t] for t in honest])
+    # the oracle tells the two apart: the mean with the scaled body in it is far from the base
+    with_scaled = np.mean([bodies[t][key].numpy().astype(np.float64) for t in honest + [scaled_task]], axis=0)
+    assert np.abs(final[key].numpy() - with_scaled).max() > 1e-3
+
+
+def test_a_round_under_min_contributions_keeps_the_previous_base_bit_for_bit(tiny_cfg, small_pool, tiny_path):
+    """Round 1 fuses; in round 2 two of the four contributors fail, so 2 valid < min_contributions=3: the base
+    after round 2 is round 1's, bit for bit (not the start body, not a mean of the two)."""
+    failed_in_round_2 = []
+
+    def half_failing(message, context):
+        if message.metadata.message_type == MessageType.TRAIN and int(message.content["config"]["server-round"]) == 2 \
+                and len(failed_in_round_2) < 2:
+            failed_in_round_2.append(_task(message))
+            return Message(error=Error(code=0, reason="injected failure"), reply_to=message)
+        return client_app(message, context)
+
+    grid, _, records, start, result = _run(tiny_cfg, small_pool, tiny_path, client=half_failing, rounds=2,
+                                           min_contributions=3, eval_schedule={"probe": None})
+    assert records[1].fused and records[1].base_round == 1
+    assert_uniform_mean(grid.bases[1], list(_train_bodies(grid, 1).values()))
+    assert any(not torch.equal(grid.bases[1][k], start.to_torch_state_dict()[k]) for k in grid.bases[1])
+    assert not records[2].fused and len(records[2].failures) == 2 and len(_train_bodies(grid, 2)) == 2
+    assert records[2].base_round == 1 and records[2].fused_contributors == []
+    assert_same_body(grid.bases[2], grid.bases[1])
+    assert_same_body(result.arrays.to_torch_state_dict(), grid.bases[1])
 
 
 def test_too_few_valid_contributions_keep_the_previous_base(tiny_cfg, small_pool, tiny_path):
     everyone = {e["name"] for e in small_pool}
-    _, _, records, start, result = _run(tiny_cfg, small_pool, tiny_path, client=_failing_client(everyone), rounds=1)
+    _, _, records, start, result = _run(tiny_cfg, small_pool, tiny_path, client=_failing_client(everyone), rounds=1,
+                                        eval_schedule={"probe": None})
     assert not records[1].fused and len(records[1].failures) == 4
-    final, initial = result.arrays.to_torch_state_dict(), start.to_torch_state_dict()
-    assert all(torch.equal(final[k], initial[k]) for k in initial)
+    assert_same_body(result.arrays.to_torch_state_dict(), start.to_torch_state_dict())
+
+
+def test_a_rolled_back_round_keeps_the_previous_base_bit_for_bit(tiny_cfg, small_pool, tiny_path, monkeypatch):
+    """The strategy's side of back-tracking, whatever the rule reads: when the rule undoes round 2, the base after
+    it is round 1's bit for bit, and the record says so; round 1's, which stood, is the mean of its bodies."""
+    from strategies.backtrack import Backtracking
+
+    monkeypatch.setattr(Backtracking, "judge", lambda self, record: (0.6, 0.1) if record.round == 2 else None)
+    grid, _, records, start, result = _run(tiny_cfg, small_pool, tiny_path, rounds=2, eval_schedule={"probe": None})
+    assert [r.rolled_back for r in records] == [False, False, True] and records[2].fused
+    assert [r.base_round for r in records] == [0, 1, 1]
+    assert_uniform_mean(grid.bases[1], list(_train_bodies(grid, 1).values()))
+    assert_same_body(grid.bases[2], grid.bases[1])
+    assert_same_body(result.arrays.to_torch_state_dict(), grid.bases[1])
+    # what was undone was a real fusion: round 2's mean differs from round 1's base
+    undone = np.mean([b["embeddings.word_embeddings.weight"].numpy() for b in _train_bodies(grid, 2).values()], axis=0)
+    assert np.abs(undone - grid.bases[1]["embeddings.word_embeddings.weight"].numpy()).max() > 1e-6
 
 
 def test_waiting_for_nodes_times_out_with_a_clear_message():
@@ -170,14 +279,16 @@ def test_nodes_whose_model_does_not_fit_the_server_body_are_refused(tiny_cfg, sm
 def test_backtracking_rolls_back_a_round_that_hurts_the_monitored_score(tiny_cfg, small_pool, tiny_path):
     from flwr.app import MetricRecord, RecordDict
 
-    def harmed(message, context):  # the base after round 1 scores 0 everywhere: a harmful round
+    def harmed(message, context):  # the base after round 1 scores 0 everywhere, dev rows too: a harmful round
         if message.metadata.message_type == MessageType.EVALUATE and int(message.content["config"]["server-round"]):
-            metrics = MetricRecord({"probe.accuracy": 0.0, "probe.macro_f1": 0.0, "num-examples": 1})
+            metrics = MetricRecord({"probe.accuracy": 0.0, "probe.macro_f1": 0.0, "probe.dev_accuracy": 0.0,
+                                    "probe.dev_macro_f1": 0.0, "num-examples": 1})
             return Message(content=RecordDict({"metrics": metrics}), reply_to=message)
         return client_app(message, context)
 
+    # the rule reads the contributing tasks' dev probe (strategies/backtrack.py): round 0's real one, then 0
     grid, strategy, records, start, result = _run(tiny_cfg, small_pool, tiny_path, client=harmed, rounds=1,
-                                                  backtrack_threshold=0.05, backtrack_monitor="heldout")
+                                                  backtrack_threshold=0.05)
     assert records[1].fused and records[1].rolled_back and len(records[1].contributors) == 4
     final, initial = result.arrays.to_torch_state_dict(), start.to_torch_state_dict()
     assert all(torch.equal(final[k], initial[k]) for k in initial)
