@@ -74,8 +74,16 @@ def backtrack_lines(config: Mapping[str, Any], records: Sequence[RoundRecord]) -
     if threshold is None and not rolled:
         return []
     monitor = cfg_get(config, "backtrack.monitor", "contributing")
-    lines = [f"Back-tracking: a round is undone when the mean first-token probe accuracy over the {monitor} "
-             f"datasets falls by more than {threshold}; rolled back: {', '.join(map(str, rolled)) or 'none'}"]
+    on_dev = any(r.dev for r in records)  # schema 4: back-tracking read dev rows; older runs read test rows
+    lines = [f"Back-tracking: a round is undone when the mean first-token probe accuracy on {'dev' if on_dev else 'test'}"
+             f" rows over the {monitor} datasets falls by more than {threshold}; rolled back: "
+             f"{', '.join(map(str, rolled)) or 'none'}"]
+    if monitor == "heldout":  # refused since; a run written before that
+        lines.append("Warning: held-out (unseen) scores steered this run's training: every unseen figure is selected "
+                     "on held-out data")
+    elif not on_dev:
+        lines.append("Warning: test scores steered this run's training (records older than schema 4): its figures "
+                     "are selected on test data")
     if rolled:
         lines.append(f"The saved model is the base produced in round {records[-1].base_round}; a rolled-back "
                      "round's scores describe the undone base and are left out of 'final'")
@@ -105,6 +113,21 @@ def pool_lines(roles: Mapping[str, str], regression: set[str], missing: Sequence
         lines.append("Configured but not available: " + "; ".join(
             f"{m.get('name', '?')} ({m.get('role', '?')}: {m.get('reason', 'no reason given')})" for m in missing))
     return lines
+
+
+def never_scored(records: Sequence[RoundRecord]) -> dict[str, str]:
+    """Tasks of the pool that no record scores in any view -> the first failure recorded for them ("" if none).
+    Such a task (its data failing on every node, say) is silently absent from every mean: name it."""
+    scored = {task for r in records for per_task in r.scores.values() for task in per_task}
+    failures = [f for r in records for f in r.failures]
+    return {task: next((f for f in failures if f.startswith((f"{task}:", f"{task}#"))), "")
+            for task in sorted(task_roles(records)) if task not in scored}
+
+
+def never_scored_lines(records: Sequence[RoundRecord]) -> list[str]:
+    """One line per task that never produced a score, with its first recorded failure."""
+    return [f"{task}: never produced a score" + (f" (first failure: {why[:300]})" if why else "")
+            for task, why in never_scored(records).items()]
 
 
 def round_table(records: Sequence[RoundRecord]) -> str:
@@ -188,6 +211,9 @@ def report_markdown(run: Run, baselines: Mapping[str, Run], plots: Sequence[str]
         "## Per round", round_table(records),
         "## Per task", *(task_section(records, v, roles, regression, base_records) for v in views),
     ]
+    unscored = never_scored_lines(records)
+    if unscored:
+        parts += ["## Tasks never scored", "\n".join(f"- {line}" for line in unscored)]
     if plots:
         parts += ["## Plots", *(f"![{Path(p).stem}]({p})" for p in plots)]
     return "\n\n".join(parts) + "\n"

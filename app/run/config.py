@@ -9,6 +9,10 @@ type cannot say. A bad key or value fails here, at once, with a message that nam
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import json
+import re
 import shlex
 import typing
 from enum import Enum
@@ -21,7 +25,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
-from app.run.schema import TYPED_AFTER, schema_type  # importing it registers the schema
+from app.run.schema import TYPED_AFTER, RunConfig, schema_type  # importing it registers the schema
+from strategies.asynchronous import refusal
 from strategies.fusion import FusionError, build_operator
 from strategies.schedule import VIEWS
 
@@ -31,19 +36,60 @@ _PACKAGED_CONF = Path(__file__).resolve().parents[1] / "conf"
 CONF_DIR = _PACKAGED_CONF if (_PACKAGED_CONF / "config.yaml").is_file() else _PACKAGED_CONF.parents[1] / "conf"
 
 
+# client.device (and a site's node config device): what torch.device accepts that this project runs on
+DEVICE_FORM = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key and the problem."""
 
 
+def encode_overrides(overrides: list[str]) -> str:
+    """The overrides as the run config's ``overrides`` string: a JSON list, so that every override reaches the
+    ServerApp exactly as given (a value with a space, quotes or a ``{dict: value}`` included)."""
+    return json.dumps(list(overrides))
+
+
 def split_overrides(overrides: str | list[str] | None) -> list[str]:
+    """The overrides of a list, of a JSON list string (:func:`encode_overrides`) or, for a hand-written
+    ``flwr run --run-config``, of a space-separated string (split as a shell would, quotes respected)."""
     if not overrides:
         return []
-    return list(overrides) if isinstance(overrides, (list, tuple)) else shlex.split(overrides)
+    if isinstance(overrides, (list, tuple)):
+        return list(overrides)
+    if overrides.lstrip().startswith("["):  # no override starts with '[': this is the JSON form
+        try:
+            decoded = json.loads(overrides)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"run config 'overrides' is not a valid JSON list ({exc}): {overrides!r}") from None
+        if not (isinstance(decoded, list) and all(isinstance(item, str) for item in decoded)):
+            raise ConfigError(f"run config 'overrides' must be a JSON list of strings, got {overrides!r}")
+        return decoded
+    try:
+        return shlex.split(overrides)
+    except ValueError as exc:  # an unclosed quote
+        raise ConfigError(f"run config 'overrides' cannot be split ({exc}): {overrides!r}") from None
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: ``+a.b=1`` / ``++a.b=1`` / ``~a.b`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def pop_experiment(overrides: list[str]) -> tuple[str, list[str]]:
+    """``(experiment, the other overrides)``; an experiment given twice is refused, not half-applied."""
+    named = [o for o in overrides if override_key(o) == "experiment"]
+    if len(named) > 1:
+        raise ConfigError(f"config group 'experiment' is set {len(named)} times ({', '.join(named)}): an experiment "
+                          "is one file of conf/experiment/; give one, and override single keys after it")
+    experiment = named[0].split("=", 1)[1] if named and "=" in named[0] else ""
+    return experiment, [o for o in overrides if override_key(o) != "experiment"]
 
 
 def compose_config(experiment: str = "", overrides: str | list[str] | None = None) -> DictConfig:
     """``conf/config.yaml`` + ``experiment=<name>`` + overrides (``"rounds=3 client.lr=1e-4"``), checked."""
     args = split_overrides(overrides)
+    pop_experiment([f"experiment={experiment}", *args] if experiment else args)  # refuses a repeated experiment
     if experiment:
         args = [f"experiment={experiment}", *args]
     GlobalHydra.instance().clear()
@@ -51,7 +97,8 @@ def compose_config(experiment: str = "", overrides: str | list[str] | None = Non
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=args)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise _schema_error(exc) or ConfigError(f"invalid configuration override in {args}: {exc}") from exc
+        raise (_schema_error(exc) or _not_in_conf(exc)
+               or ConfigError(f"invalid configuration override in {args}: {exc}")) from exc
     finally:
         GlobalHydra.instance().clear()
     return validate_config(cfg)
@@ -106,10 +153,11 @@ RANGES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "client.max_steps": _AT_LEAST_1,
     "client.epochs": _POSITIVE,
     "client.max_grad_norm": _POSITIVE,
-    "client.device": (bool, "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    "client.device": (lambda v: DEVICE_FORM.fullmatch(v), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     **{f"client.early_stopping.{k}": rule for k, rule in _STOPPING.items()},
     "eval.few_shot": _AT_LEAST_1,
-    **{f"eval.{view}.max_{split}_examples": _AT_LEAST_1 for view in VIEWS for split in ("train", "test")},
+    **{f"eval.{view}.max_{split}_examples": _AT_LEAST_1 for view in VIEWS for split in ("train", "test", "dev")},
+    **{f"eval.{view}.dev_fraction": _STOPPING["dev_fraction"] for view in VIEWS},
     "eval.finetune.roles": (len, "a non-empty list"),
     "eval.finetune.max_steps": _AT_LEAST_1,
     "eval.finetune.epochs": _POSITIVE,
@@ -122,8 +170,11 @@ RANGES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "asynchronous.concurrency": _AT_LEAST_1,
     "asynchronous.buffer_size": _AT_LEAST_1,
     "asynchronous.max_staleness": (lambda v: v >= 0, ">= 0 versions, or null"),
+    "asynchronous.server_lr": _POSITIVE,
     "resume": (lambda v: Path(v).is_dir(), "an existing run directory"),
     "tasks.kind": (lambda v: v in ("synthetic", "catalog"), "'synthetic' or 'catalog'"),
+    "tasks.max_unknown_fraction": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                                   "a number in [0, 1], or null (no check)"),
 }
 
 
@@ -137,6 +188,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
 
 
 def _validate(cfg: DictConfig) -> None:
+    _check_keys(cfg)
     if missing := OmegaConf.missing_keys(cfg):
         raise ConfigError(f"config keys {sorted(missing)} have no value: set them in conf/ or as overrides")
     for key, type_ in TYPED_AFTER.items():
@@ -160,6 +212,9 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.backtrack.threshold is not None and cfg.eval.probe.every != 1:
         raise ConfigError(f"config key 'backtrack.threshold' needs the probe every round (eval.probe.every=1), got "
                           f"eval.probe.every={cfg.eval.probe.every!r}: a round without a probe could not be rolled back")
+    if cfg.backtrack.monitor == "heldout":
+        raise ConfigError("config key 'backtrack.monitor' has invalid value 'heldout': held-out (unseen) tasks must not "
+                          "steer training, or every unseen figure of the run is selected on them; use contributing")
     if cfg.mode == "async" and cfg.backtrack.threshold is not None:
         raise ConfigError(f"config key 'backtrack.threshold' must be null with mode=async, got "
                           f"{cfg.backtrack.threshold!r}: back-tracking rolls back synchronous rounds, and an "
@@ -167,9 +222,75 @@ def _validate(cfg: DictConfig) -> None:
     if any(not factor >= 1 for factor in (cfg.faults.slow or {}).values()):
         raise _invalid("faults.slow", dict(cfg.faults.slow), "{task name: factor >= 1}")
     try:  # the operator checks its own parameters, naming the key (fusion.<parameter>)
-        build_operator(OmegaConf.to_container(cfg.fusion, resolve=True))
+        operator = build_operator(OmegaConf.to_container(cfg.fusion, resolve=True))
     except FusionError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.mode == "async" and (problem := refusal(operator, str(cfg.asynchronous.aggregation),
+                                                   str(cfg.asynchronous.staleness_weight))):
+        raise ConfigError(problem)  # at start, not at the ServerApp's first stale reply
+
+
+def _check_keys(node: DictConfig, prefix: str = "") -> None:
+    """Every key of the schema is there and no other: a ``+key=value`` (or ``++``) override adds a key Hydra's
+    struct mode would refuse, and nothing would read it; ``~key`` deletes one that the run needs."""
+    type_ = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(type_):
+        return
+    fields = [f.name for f in dataclasses.fields(type_)]
+    for key in node.keys():
+        if key not in fields:
+            raise _unknown(f"{prefix}{key}", fields, prefix)
+    if deleted := [key for key in fields if key not in node.keys()]:
+        raise ConfigError(f"config key '{prefix}{deleted[0]}' was deleted (~{prefix}{deleted[0]}): the run needs "
+                          "every key of conf/; set it to a value (or null, where the key allows it) instead")
+    for key in fields:
+        # a TYPED_AFTER key is checked against its type (_check_typed), a missing value is named as such (_validate),
+        # an interpolation's target where it lives
+        if f"{prefix}{key}" in TYPED_AFTER or OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue
+        if OmegaConf.is_dict(child := node[key]):
+            _check_keys(child, f"{prefix}{key}.")
+    if not prefix:
+        _check_task_keys(node)
+
+
+def _not_in_conf(exc: BaseException) -> ConfigError | None:
+    """Hydra's "Could not override 'key'" for a key of the schema's own (not a free mapping's entry), with
+    the close match instead of its hint to add the key with '+' (which :func:`_check_keys` refuses)."""
+    found = re.match(r"Could not override '([^']+)'", str(exc))
+    if not found:
+        return None
+    key = found.group(1)
+    parent, _, _ = key.rpartition(".")
+    type_ = schema_type(parent) if parent else RunConfig
+    known = ([f.name for f in dataclasses.fields(type_)] if dataclasses.is_dataclass(type_)
+             else _task_keys() if parent == "tasks" else None)
+    return _unknown(key, known, f"{parent}." if parent else "") if known is not None else None
+
+
+def _unknown(key: str, known: list[str], prefix: str = "") -> ConfigError:
+    name = key[len(prefix):]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; the keys there: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{key}': conf/ has no such key, and an override cannot add one "
+                       f"(with or without '+'){hint}")
+
+
+@functools.lru_cache(maxsize=1)
+def _task_keys() -> list[str]:
+    """The keys the task presets (``conf/tasks/*.yaml``) define: ``tasks`` is a mapping whose shape depends on
+    its kind (the schema leaves it open), and an experiment may move synthetic keys onto a catalog."""
+    keys: dict[str, None] = {}
+    for preset in sorted((CONF_DIR / "tasks").glob("*.yaml")):
+        keys.update(dict.fromkeys(k for k in OmegaConf.load(preset) if k != "defaults"))
+    return list(keys)
+
+
+def _check_task_keys(cfg: DictConfig) -> None:
+    if OmegaConf.is_dict(cfg.get("tasks")):
+        for key in cfg.tasks.keys():
+            if key not in _task_keys():
+                raise _unknown(f"tasks.{key}", _task_keys(), "tasks.")
 
 
 def _invalid(key: str, value: Any, hint: str) -> ConfigError:

@@ -40,13 +40,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+from hydra.core.override_parser.types import Quote, QuotedString
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 
 from app.run.checkpoint import resume_checkpoint
-from app.run.config import ConfigError, compose_config, to_container, validate_config
+from app.run.config import (
+    ConfigError,
+    compose_config,
+    encode_overrides,
+    pop_experiment,
+    to_container,
+    validate_config,
+)
 from app.report import summary_table
-from app.run.outputs import read_round_records
+from app.report.markdown import never_scored_lines
+from app.run.outputs import OutputDirError, read_round_records, writable_dir
 from app.run.superlink import (
     CONNECTION,
     RunTimeoutError,
@@ -59,10 +70,11 @@ from app.run.superlink import (
     wait_healthy,
     working_dir,
 )
-from app.learning.model import ModelLoadError, load_config, resolve_model
+from app.learning.model import ModelLoadError, load_config, load_tokenizer, resolve_model
 from app.site.faults import ALLOW_ENV
 from tasks.registry import build_pool, load_task
 from tasks.spec import TaskDataError
+from tasks.tokenize import check_known_tokens, unknown_fraction
 
 console = Console()
 
@@ -99,7 +111,8 @@ def simulation_superlink(log_path: Path, allow_faults: bool = False) -> Iterator
 
 
 def check_pool(cfg: DictConfig, pool: list[dict]) -> None:
-    """Before anything starts: the pool can fuse at all, and every local dataset of it loads and validates."""
+    """Before anything starts: the pool can fuse at all, and every local dataset of it loads and validates (read as
+    the nodes read it) and is readable by the model's tokenizer (``tasks.max_unknown_fraction``)."""
     contributing = sum(entry["role"] == "contributing" for entry in pool)
     if int(cfg.min_contributions) > contributing:
         source = ("tasks.contributing" if cfg.tasks.get("kind") == "catalog"
@@ -108,10 +121,47 @@ def check_pool(cfg: DictConfig, pool: list[dict]) -> None:
             f"config key 'min_contributions' is {cfg.min_contributions}, above the {contributing} contributing "
             f"task(s) of the pool ({source}): no round could ever fuse; lower min_contributions or add tasks")
     local = [entry for entry in pool if entry.get("source") == "local"]
+    tokenizer = None  # loaded once, for the first local dataset
     if local:
         console.print(f"checking the pool's {len(local)} local dataset(s)")
+    fractions = {}
     for entry in local:
-        load_task(entry)  # TaskDataError naming the file, key, row and value
+        _, data = load_task(entry)  # TaskDataError naming the file, line, key and value
+        if tokenizer is None:
+            tokenizer = load_tokenizer(resolve_model(to_container(cfg, "model")))
+        fractions[entry["name"]] = unknown_fraction(data, tokenizer)
+    # after every dataset loaded (data errors first), one message naming every task the tokenizer cannot read
+    check_known_tokens(fractions, cfg.tasks.get("max_unknown_fraction"), str(cfg.model.name_or_path))
+    known = {name: f for name, f in fractions.items() if f is not None}
+    if known:
+        worst = max(known, key=known.get)
+        console.print(f"unknown tokens: at most {known[worst]:.1%} of a dataset's ({worst}); "
+                      f"limit tasks.max_unknown_fraction={cfg.tasks.get('max_unknown_fraction')}")
+
+
+def hydra_quoted(value: str) -> str:
+    """``value`` as a quoted Hydra override value: a path with spaces, commas, quotes or brackets stays one string."""
+    return QuotedString(text=value, quote=Quote.single).with_quotes()
+
+
+def check_device(cfg: DictConfig) -> None:
+    """A GPU ``client.device`` that the virtual clients could not use, refused before anything starts: torch must
+    see that device here, and Ray must hand the clients a share of a GPU (it hides the GPUs from one that
+    reserves none). ``auto`` takes a GPU where a client sees one, else the CPU."""
+    device = str(cfg.client.device)
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(f"config key 'client.device' is {device!r}, but torch sees {count} CUDA device(s) on "
+                              "this machine: use client.device=auto (a GPU where there is one) or cpu")
+        if float(cfg.simulation.client_gpus) <= 0:
+            raise ConfigError(f"config key 'client.device' is {device!r} with simulation.client_gpus=0: Ray hides "
+                              "the GPUs from a virtual client that reserves none; set simulation.client_gpus "
+                              "(e.g. 0.25: four clients per GPU)")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("config key 'client.device' is 'mps', but torch sees no MPS device on this machine: "
+                          "use client.device=auto or cpu")
 
 
 def federation_config(cfg: DictConfig, num_nodes: int) -> str:
@@ -137,7 +187,8 @@ def run_simulation(overrides: list[str], experiment: str = "", output_root: Path
     if data_root and not Path(str(data_root)).is_absolute():
         # The ServerApp runs in the SuperLink's working directory: hand it the path meant here.
         cfg.tasks.data_root = str(Path(str(data_root)).resolve())
-        overrides = [*overrides, f"tasks.data_root={cfg.tasks.data_root}"]
+        overrides = [*overrides, f"tasks.data_root={hydra_quoted(cfg.tasks.data_root)}"]
+    check_device(cfg)
     if cfg.resume:  # fail here, with the differing keys named, rather than in the ServerApp
         resume_checkpoint(cfg.resume, to_container(cfg), bool(cfg.resume_allow_config_change))
     pool = build_pool(to_container(cfg, "tasks"))
@@ -146,12 +197,12 @@ def run_simulation(overrides: list[str], experiment: str = "", output_root: Path
     # Build (tiny) and check the model once, before the clients ask for it: a path that does not
     # load fails here, with its name, not in 35 clients.
     load_config(resolve_model(to_container(cfg, "model")))
-    output_root = (output_root or default_output_root()).resolve()
-    output_root.mkdir(parents=True, exist_ok=True)
+    output_root = writable_dir(output_root or default_output_root(), "--output-dir")  # OutputDirError: exit 2
     workdir = Path(tempfile.mkdtemp(prefix="launch-", dir=output_root))
     console.print(f"[bold]ColD Fusion[/bold]: {num_nodes} virtual clients, {cfg.rounds} rounds, "
                   f"{cfg.contributors_per_round} contributors/round, model={cfg.model.name_or_path}")
-    run_config = {"experiment": experiment, "overrides": " ".join(overrides), "output-dir": str(output_root)}
+    # The overrides as a JSON list: the ServerApp gets each one exactly as given (spaces, quotes, dicts)
+    run_config = {"experiment": experiment, "overrides": encode_overrides(overrides), "output-dir": str(output_root)}
     with simulation_superlink(workdir / "superlink.log", allow_faults=bool(cfg.faults.enabled)) as env:
         run_id, status = submit_run(env, run_config, federation_config(cfg, num_nodes), workdir,
                                     timeout_s=run_timeout(cfg))
@@ -168,20 +219,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where runs are written (default: outputs/ of the checkout, else ./outputs)")
     args = parser.parse_args(argv)
-    experiment = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment=")), "")
-    overrides = [o for o in args.overrides if not o.startswith("experiment=")]
     # SIGTERM (a scheduler, a test, `kill PID`) unwinds like Ctrl-C, so the SuperLink is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        experiment, overrides = pop_experiment(args.overrides)
         status, run_dir = run_simulation(overrides, experiment, args.output_dir)
-    except (ConfigError, TaskDataError, ModelLoadError) as exc:
+    except (ConfigError, TaskDataError, ModelLoadError, OutputDirError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     except RunTimeoutError as exc:  # the SuperLink has been stopped by now
         console.print(f"[red]error:[/red] {exc}")
         return 1
     if run_dir is not None and (run_dir / "metrics.jsonl").exists():
-        console.print(summary_table(read_round_records(run_dir)))
+        records = read_round_records(run_dir)
+        console.print(summary_table(records))
+        for line in never_scored_lines(records):  # absent from every mean: say so, whatever the status
+            console.print(f"[red]warning:[/red] {escape(line)}")
     ok = status == "finished:completed"
     console.print(f"run status: [{'green' if ok else 'red'}]{status}[/]; outputs: {run_dir}")
     if ok and run_dir is not None:

@@ -109,6 +109,8 @@ class ProbeView:
     every: Optional[Union[int, str]] = MISSING  # k >= 1, 'first_last' or null (validate_config)
     max_train_examples: Optional[int] = MISSING
     max_test_examples: Optional[int] = MISSING
+    max_dev_examples: int = MISSING  # the rows decisions read (tasks.splits.fit_dev)
+    dev_fraction: Number = MISSING  # of a train split too small to spare max_dev_examples rows past the fit draw
     batch_size: int = MISSING
     C: Number = MISSING
     ridge_alpha: Number = MISSING
@@ -121,6 +123,8 @@ class FinetuneView:
     roles: List[Role] = MISSING
     max_train_examples: Optional[int] = MISSING
     max_test_examples: Optional[int] = MISSING
+    max_dev_examples: int = MISSING  # as ProbeView's; with early_stopping set, its dev split is the view's
+    dev_fraction: Number = MISSING
     max_steps: Optional[int] = MISSING
     epochs: Optional[Number] = MISSING
     early_stopping: Any = MISSING  # null or EarlyStopping (TYPED_AFTER); experiment/paper.yaml: ${client.early_stopping}
@@ -150,7 +154,7 @@ class TransportConfig:
 @dataclass
 class BacktrackConfig:
     threshold: Optional[Number] = MISSING
-    monitor: Role = MISSING
+    monitor: Role = MISSING  # contributing only: validate_config refuses heldout (held-out tasks must not steer)
 
 
 @dataclass
@@ -173,12 +177,19 @@ class StalenessWeight(Choice):  # strategies.asynchronous.staleness_weight
     constant = "constant"
 
 
+class AsyncAggregation(Choice):  # strategies.asynchronous.fold_terms
+    normalised = "normalised"
+    fedbuff = "fedbuff"
+
+
 @dataclass
 class AsynchronousConfig:
     concurrency: int = MISSING
     buffer_size: int = MISSING
     max_staleness: Optional[int] = MISSING
     staleness_weight: StalenessWeight = MISSING
+    aggregation: AsyncAggregation = MISSING
+    server_lr: Number = MISSING
 
 
 @dataclass

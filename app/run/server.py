@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from app.learning.model import body_signature, initial_body, resolve_model, save_fused_model
 from app.report import render_table, write_model_card, write_report
+from app.report.markdown import never_scored_lines
 from app.run.checkpoint import resume_checkpoint, save_checkpoint
 from app.run.config import to_container
 from app.run.outputs import RunOutputs, read_round_records
@@ -39,6 +40,7 @@ def build_strategy(cfg: DictConfig, pool: PoolResolution, model_spec: str) -> Co
         settings = cfg.asynchronous
         return AsyncColdFusion(concurrency=int(settings.concurrency), buffer_size=int(settings.buffer_size),
                                max_staleness=settings.max_staleness, staleness_rule=str(settings.staleness_weight),
+                               aggregation=str(settings.aggregation), server_lr=float(settings.server_lr),
                                **strategy_settings(cfg, pool, model_spec))
     return ColdFusion(**strategy_settings(cfg, pool, model_spec))
 
@@ -136,6 +138,8 @@ class ServerRun:
         write_model_card(self.outputs.model_dir, self.resolved, records, [asdict(m) for m in self.pool.missing])
         report = write_report(self.outputs.dir)
         log(INFO, "\n%s", render_table(records))
+        for line in never_scored_lines(records):  # absent from every mean: the log says so too (and report.md)
+            log(WARNING, "%s", line)
         log(INFO, "Fused model saved to %s (AutoModel.from_pretrained loads it; README.md is its model card)",
             self.outputs.model_dir)
         log(INFO, "Report: %s", report)
